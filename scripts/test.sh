@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every test this project has that runs without a GPU, on a fresh Debian machine with rustup.
+# It installs what it needs first (the pinned toolchain and the thumb target), then runs:
+# format check, clippy -D warnings, all host tests, and the no_std build of the core for
+# thumbv7em-none-eabihf.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain (rust-toolchain.toml) and the Cortex-M4F target"
+command -v rustup >/dev/null || { echo "rustup is required: https://rustup.rs" >&2; exit 1; }
+rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
+rustup target add thumbv7em-none-eabihf >/dev/null
+rustup component add rustfmt clippy >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "host tests"
+cargo test --workspace --locked
+
+step "qdylora-core builds for thumbv7em-none-eabihf (no_std, no alloc)"
+cargo build -p qdylora-core --target thumbv7em-none-eabihf --locked
+cargo build -p qdylora-core --target thumbv7em-none-eabihf --features defmt --locked
+
+step "all tests passed"
