@@ -187,7 +187,9 @@ pub trait DecoderWeights {
     where
         Self: 'w;
     /// How this model stores the absmax of its NF4 linears.
-    type Absmax: AbsmaxSource + ?Sized;
+    type Absmax<'w>: AbsmaxSource
+    where
+        Self: 'w;
 
     /// The model's shape.
     fn config(&self) -> &DecoderConfig;
@@ -198,8 +200,11 @@ pub trait DecoderWeights {
     /// The final norm weight.
     fn final_norm(&self) -> Result<Self::Vector<'_>, Error>;
     /// A quantized linear.
-    fn linear(&self, layer: usize, which: LinearKind)
-    -> Result<Nf4Matrix<'_, Self::Absmax>, Error>;
+    fn linear(
+        &self,
+        layer: usize,
+        which: LinearKind,
+    ) -> Result<Nf4Matrix<'_, Self::Absmax<'_>>, Error>;
     /// Row `token` of `lm_head` (the embedding row when tied).
     fn lm_head_row(&self, token: usize) -> Result<Self::Vector<'_>, Error>;
 }

@@ -10,22 +10,22 @@ use crate::nf4::{self, AbsmaxSource, CODE};
 
 /// A borrowed NF4 weight matrix `W: [rows, cols]`, blocked over its row-major flattening.
 #[derive(Debug, Clone, Copy)]
-pub struct Nf4Matrix<'a, A: AbsmaxSource + ?Sized> {
+pub struct Nf4Matrix<'a, A: AbsmaxSource> {
     rows: usize,
     cols: usize,
     blocksize: usize,
     packed: &'a [u8],
-    absmax: &'a A,
+    absmax: A,
 }
 
-impl<'a, A: AbsmaxSource + ?Sized> Nf4Matrix<'a, A> {
+impl<'a, A: AbsmaxSource> Nf4Matrix<'a, A> {
     /// Checks every length against the shape.
     pub fn new(
         rows: usize,
         cols: usize,
         blocksize: usize,
         packed: &'a [u8],
-        absmax: &'a A,
+        absmax: A,
     ) -> Result<Self, Error> {
         nf4::check_blocksize(blocksize)?;
         if rows == 0 || cols == 0 {

@@ -190,6 +190,15 @@ pub trait AbsmaxSource {
     fn absmax(&self, block: usize) -> f32;
 }
 
+impl<A: AbsmaxSource + ?Sized> AbsmaxSource for &A {
+    fn blocks(&self) -> usize {
+        (**self).blocks()
+    }
+    fn absmax(&self, block: usize) -> f32 {
+        (**self).absmax(block)
+    }
+}
+
 impl AbsmaxSource for [f32] {
     fn blocks(&self) -> usize {
         self.len()

@@ -27,7 +27,9 @@ fn weights(max_len: usize) -> impl Strategy<Value = Vec<f32>> {
 /// Distance from a scaled value to the nearest 8-bit code: at most half the local gap inside the
 /// code's range [-0.99297, 1], the clamping distance below it.
 fn code8_nearest_distance(code: &[f32; 256], t: f32) -> f32 {
-    code.iter().map(|&c| (c - t).abs()).fold(f32::INFINITY, f32::min)
+    code.iter()
+        .map(|&c| (c - t).abs())
+        .fold(f32::INFINITY, f32::min)
 }
 
 proptest! {
@@ -158,7 +160,9 @@ proptest! {
 #[test]
 fn blocks_of_any_size_round_trip_through_dequantize_generic_outputs() {
     // f16 and bf16 outputs are the f32 result rounded once.
-    let w: Vec<f32> = (0..200).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+    let w: Vec<f32> = (0..200)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
     let mut packed = vec![0u8; nf4::packed_len(w.len())];
     let mut absmax = vec![0.0f32; nf4::block_count(w.len(), 64)];
     nf4::quantize(&w, 64, &mut packed, &mut absmax).unwrap();

@@ -1,0 +1,3 @@
+//! The QDyLoRA trainer: quantize → train → sweep → export, on candle (CPU by default).
+pub mod kernels;
+pub mod quant;
