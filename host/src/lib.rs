@@ -1,3 +1,2 @@
 //! The QDyLoRA trainer: quantize → train → sweep → export, on candle (CPU by default).
 pub mod kernels;
-pub mod quant;

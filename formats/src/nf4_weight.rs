@@ -1,9 +1,14 @@
-//! The host's owned NF4 + double-quant weight: what a frozen linear keeps in memory.
+//! The owned NF4 + double-quant weight: what a frozen linear keeps in memory, and what the
+//! bitsandbytes bridge and the device container read and write.
 
 use qdylora_core::double_quant::{self, DoubleQuantRef};
 use qdylora_core::dynamic_map::{CODE_LEN, signed_dynamic_map};
 use qdylora_core::kernels::Nf4Matrix;
-use qdylora_core::{Element, nf4};
+use qdylora_core::{Element, ElementType, nf4};
+
+use std::boxed::Box;
+use std::vec;
+use std::vec::Vec;
 
 /// A frozen `[rows, cols]` weight (`rows` = out features) in NF4 with double-quantized absmax,
 /// laid out exactly as bitsandbytes stores it. No f32 copy of the weight is kept.
@@ -25,6 +30,8 @@ pub struct Nf4Weight {
     pub offset: f32,
     /// The 8-bit code (bitsandbytes' signed dynamic map).
     pub code8: Box<[f32; CODE_LEN]>,
+    /// The element type the weight had before quantization (`dtype` in bitsandbytes' quant state).
+    pub dtype: ElementType,
 }
 
 impl Nf4Weight {
@@ -68,6 +75,7 @@ impl Nf4Weight {
             nested_absmax,
             offset,
             code8,
+            dtype: T::TYPE,
         })
     }
 
