@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every test this project has that runs without a GPU, on a fresh Debian machine with rustup.
-# It installs what it needs first (the pinned toolchain and the thumb target), then runs:
-# format check, clippy -D warnings, all host tests, and the no_std build of the core for
-# thumbv7em-none-eabihf.
+# It installs what it needs first (the pinned toolchain and the thumb target; the firmware step
+# installs qemu-system-arm and defmt-print), then runs: format check, clippy -D warnings, all host
+# tests, the no_std build of the core for thumbv7em-none-eabihf, and the firmware in QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,5 +26,8 @@ cargo test --workspace --locked
 step "qdylora-core builds for thumbv7em-none-eabihf (no_std, no alloc)"
 cargo build -p qdylora-core --target thumbv7em-none-eabihf --locked
 cargo build -p qdylora-core --target thumbv7em-none-eabihf --features defmt --locked
+
+step "firmware in QEMU (scripts/firmware.sh)"
+bash scripts/firmware.sh
 
 step "all tests passed"
