@@ -115,10 +115,53 @@ impl AdapterShape<'_> {
         })
     }
 
+    /// The size math alone, from the slice element count.
+    pub fn sizes(&self) -> Result<PrefixSizes, Error> {
+        Ok(PrefixSizes {
+            slice_elements: self.slice_elements()?,
+            r_max: self.r_max,
+            dtype: self.dtype,
+        })
+    }
+
+    /// Bytes in one rank slice, padded to `layout.slice_align`.
+    pub fn slice_bytes(&self, layout: PrefixLayout) -> Result<u64, Error> {
+        self.sizes()?.slice_bytes(layout)
+    }
+
+    /// Bytes of the prefix holding ranks `1..=r` (`r = 0` is the header alone).
+    pub fn prefix_bytes(&self, layout: PrefixLayout, r: u32) -> Result<u64, Error> {
+        self.sizes()?.prefix_bytes(layout, r)
+    }
+
+    /// The largest rank whose prefix fits `budget` bytes; an error when even rank 1 does not.
+    pub fn max_rank_within(&self, layout: PrefixLayout, budget: u64) -> Result<u32, Error> {
+        self.validate()?;
+        self.sizes()?.max_rank_within(layout, budget)
+    }
+}
+
+/// The byte sizes of a nested adapter's prefixes, from its per-slice element count alone.
+///
+/// [`AdapterShape`] computes its sizes through this type; a reader without an allocator (which
+/// cannot build a `[ModuleShape]` from a file) sums the module table once and uses it directly,
+/// so writer and reader share one piece of arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct PrefixSizes {
+    /// Elements in one rank slice: `sum(in + out)` over modules.
+    pub slice_elements: u64,
+    /// The largest rank stored.
+    pub r_max: u32,
+    /// Element type of `A` and `B`.
+    pub dtype: ElementType,
+}
+
+impl PrefixSizes {
     /// Bytes in one rank slice, padded to `layout.slice_align`.
     pub fn slice_bytes(&self, layout: PrefixLayout) -> Result<u64, Error> {
         let raw = self
-            .slice_elements()?
+            .slice_elements
             .checked_mul(self.dtype.size_bytes() as u64)
             .ok_or(Error::SizeOverflow)?;
         let align = layout.slice_align.max(1);
@@ -142,7 +185,9 @@ impl AdapterShape<'_> {
 
     /// The largest rank whose prefix fits `budget` bytes; an error when even rank 1 does not.
     pub fn max_rank_within(&self, layout: PrefixLayout, budget: u64) -> Result<u32, Error> {
-        self.validate()?;
+        if self.r_max == 0 || self.slice_elements == 0 {
+            return Err(Error::EmptyAdapter);
+        }
         let rank_one_bytes = self.prefix_bytes(layout, 1)?;
         if budget < rank_one_bytes {
             return Err(Error::BudgetTooSmall {

@@ -18,7 +18,7 @@ fn weights(max_len: usize) -> impl Strategy<Value = Vec<f32>> {
         prop_oneof![
             8 => -10.0f32..10.0,
             1 => Just(0.0f32),
-            1 => (-1e-20f32..1e-20),
+            1 => -1e-20f32..1e-20,
         ],
         1..max_len,
     )
