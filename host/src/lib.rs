@@ -1,2 +1,8 @@
 //! The QDyLoRA trainer: quantize → train → sweep → export, on candle (CPU by default).
+pub mod cli;
+pub mod demo;
 pub mod kernels;
+pub mod model;
+pub mod plot;
+pub mod sweep;
+pub mod train;

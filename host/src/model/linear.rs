@@ -1,0 +1,173 @@
+//! The base model's linears: NF4 + double-quant weights that are dequantized on the fly, in the
+//! forward pass and again for the input gradient (frozen), or dense f32 weights (the reference
+//! path, and the demo's pretraining where they are views of trainable variables).
+//!
+//! The NF4 path is a candle custom op so that autograd keeps only the packed weight alive between
+//! forward and backward: no dequantized copy survives either call (see `kernels::scratch`).
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use qdylora_formats::Nf4Weight;
+
+use crate::kernels;
+
+/// A base-model `y = x Wᵀ` with `W: [out, in]`.
+#[derive(Debug, Clone)]
+pub enum BaseLinear {
+    /// NF4 + double-quant, dequantized per call.
+    Nf4(Arc<Nf4Weight>),
+    /// Dense f32, held as the transposed view `Wᵀ` (`[in, out]`): no copy, and a view of a
+    /// variable follows its updates.
+    Dense {
+        /// `Wᵀ`.
+        weight_t: Tensor,
+    },
+}
+
+impl BaseLinear {
+    /// A dense linear from `W: [out, in]`.
+    pub fn dense(weight: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self::Dense {
+            weight_t: weight.t()?,
+        })
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        match self {
+            Self::Nf4(w) => w.cols,
+            Self::Dense { weight_t } => weight_t.dims()[0],
+        }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        match self {
+            Self::Nf4(w) => w.rows,
+            Self::Dense { weight_t } => weight_t.dims()[1],
+        }
+    }
+
+    /// `x: [..., in] -> [..., out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Nf4(w) => {
+                let dims = x.dims().to_vec();
+                let (lead, last) = dims.split_at(dims.len() - 1);
+                if last != [w.cols] {
+                    candle_core::bail!(
+                        "NF4 linear expects {} input features, got shape {:?}",
+                        w.cols,
+                        dims
+                    );
+                }
+                let m: usize = lead.iter().product();
+                let y = x
+                    .reshape((m, w.cols))?
+                    .contiguous()?
+                    .apply_op1(Nf4LinearOp { weight: w.clone() })?;
+                let mut out_dims = lead.to_vec();
+                out_dims.push(w.rows);
+                y.reshape(out_dims)
+            }
+            Self::Dense { weight_t } => x.broadcast_matmul(weight_t),
+        }
+    }
+
+    /// Bytes this linear keeps resident.
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            Self::Nf4(w) => w.resident_bytes(),
+            Self::Dense { weight_t } => weight_t.elem_count() * weight_t.dtype().size_in_bytes(),
+        }
+    }
+}
+
+fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expected f32 input, got {:?}", storage.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
+fn rows_of(op: &str, layout: &Layout, cols: usize) -> candle_core::Result<usize> {
+    match layout.dims() {
+        [m, c] if *c == cols => Ok(*m),
+        dims => candle_core::bail!("{op}: expected [m, {cols}], got {dims:?}"),
+    }
+}
+
+/// Forward: `x [m, in] -> x Wᵀ [m, out]`.
+struct Nf4LinearOp {
+    weight: Arc<Nf4Weight>,
+}
+
+impl CustomOp1 for Nf4LinearOp {
+    fn name(&self) -> &'static str {
+        "nf4-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.weight;
+        let x = contiguous_f32(self.name(), storage, layout)?;
+        let m = rows_of(self.name(), layout, w.cols)?;
+        let mut y = vec![0.0f32; m * w.rows];
+        kernels::linear_forward(x, m, w, &mut y).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(y), Shape::from((m, w.rows))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // W is frozen: only the input gradient, dequantizing W again instead of keeping it.
+        let grad = grad_res
+            .contiguous()?
+            .apply_op1_no_bwd(&Nf4LinearInputGradOp {
+                weight: self.weight.clone(),
+            })?;
+        Ok(Some(grad))
+    }
+}
+
+/// Backward: `grad_y [m, out] -> grad_y W [m, in]`.
+struct Nf4LinearInputGradOp {
+    weight: Arc<Nf4Weight>,
+}
+
+impl CustomOp1 for Nf4LinearInputGradOp {
+    fn name(&self) -> &'static str {
+        "nf4-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.weight;
+        let g = contiguous_f32(self.name(), storage, layout)?;
+        let m = rows_of(self.name(), layout, w.rows)?;
+        let mut gx = vec![0.0f32; m * w.cols];
+        kernels::linear_backward_input(g, m, w, &mut gx).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(gx), Shape::from((m, w.cols))))
+    }
+}
+
+/// The dtype every host computation runs in.
+pub const COMPUTE_DTYPE: DType = DType::F32;

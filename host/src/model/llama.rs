@@ -1,0 +1,242 @@
+//! A LLaMA-family decoder on candle: embeddings, RMSNorm, half-split RoPE, grouped-query
+//! attention, SwiGLU MLP, tied or untied head. The seven linears of each layer are
+//! [`BaseLinear`]s; an [`AdapterCall`] adds LoRA updates at a chosen rank.
+
+use candle_core::{D, DType, Device, Tensor};
+use qdylora_core::infer::{DecoderConfig, LinearKind};
+
+use super::linear::BaseLinear;
+use super::lora::{AdapterCall, ModuleKey};
+
+/// One decoder layer.
+#[derive(Debug)]
+pub struct Layer {
+    /// `input_layernorm.weight`.
+    pub input_norm: Tensor,
+    /// `post_attention_layernorm.weight`.
+    pub post_norm: Tensor,
+    /// q, k, v, o, gate, up, down, in [`LinearKind::ALL`] order.
+    pub linears: [BaseLinear; 7],
+}
+
+impl Layer {
+    fn linear(&self, kind: LinearKind) -> &BaseLinear {
+        let i = LinearKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or_default();
+        &self.linears[i]
+    }
+}
+
+/// The whole model.
+#[derive(Debug)]
+pub struct Llama {
+    /// Shape.
+    pub config: DecoderConfig,
+    /// `[vocab, hidden]`.
+    pub embed: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<Layer>,
+    /// `model.norm.weight`.
+    pub final_norm: Tensor,
+    /// `lm_head.weight` when untied.
+    pub lm_head: Option<Tensor>,
+    /// Device of every tensor.
+    pub device: Device,
+}
+
+/// Precomputed RoPE tables for positions `0..t`: `[t, head_dim/2]` each.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &DecoderConfig, t: usize, device: &Device) -> candle_core::Result<Self> {
+        let hd = cfg.head_dim as usize;
+        // As transformers: inv_freq = 1 / theta^(2i/d) in f32, angle = pos * inv_freq.
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(t * hd / 2);
+        let mut sin = Vec::with_capacity(t * hd / 2);
+        for pos in 0..t {
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (t, hd / 2), device)?,
+            sin: Tensor::from_vec(sin, (t, hd / 2), device)?,
+        })
+    }
+
+    /// `x: [b, heads, t, hd]` rotated in the half-split layout.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let hd = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let r1 = (x1.broadcast_mul(&self.cos)? - x2.broadcast_mul(&self.sin)?)?;
+        let r2 = (x2.broadcast_mul(&self.cos)? + x1.broadcast_mul(&self.sin)?)?;
+        Tensor::cat(&[&r1, &r2], D::Minus1)
+    }
+}
+
+/// `x * rsqrt(mean(x^2) + eps) * weight` over the last dim.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + f64::from(eps))?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dim (max subtracted, detached: it does not change the value).
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+impl Llama {
+    fn linear(
+        &self,
+        layer: usize,
+        kind: LinearKind,
+        x: &Tensor,
+        adapter: Option<&AdapterCall<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.layers[layer].linear(kind).forward(x)?;
+        match adapter {
+            Some(call) => call.add_delta(ModuleKey { layer, kind }, x, y),
+            None => Ok(y),
+        }
+    }
+
+    /// Final hidden states `[b, t, hidden]` for token ids `[b, t]` (u32).
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        adapter: Option<&AdapterCall<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.config;
+        let hidden = cfg.hidden_size as usize;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, hidden))?;
+        let rope = Rope::new(cfg, t, &self.device)?;
+        let mask = causal_mask(t, &self.device)?;
+        for layer in 0..self.layers.len() {
+            x = self.attention(layer, &x, &rope, &mask, adapter)?;
+            x = self.mlp(layer, &x, adapter)?;
+        }
+        rms_norm(&x, &self.final_norm, cfg.rms_norm_eps)
+    }
+
+    /// Logits `[b, t, vocab]` for token ids `[b, t]`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        adapter: Option<&AdapterCall<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.hidden(ids, adapter)?;
+        self.logits(&h)
+    }
+
+    /// The head applied to hidden states `[..., hidden]`.
+    pub fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        h.broadcast_matmul(&head.t()?)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &Tensor,
+        adapter: Option<&AdapterCall<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (heads, kv_heads, hd) = (
+            cfg.num_heads as usize,
+            cfg.num_kv_heads as usize,
+            cfg.head_dim as usize,
+        );
+        let h = rms_norm(x, &self.layers[layer].input_norm, cfg.rms_norm_eps)?;
+        let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.linear(layer, LinearKind::Q, &h, adapter)?, heads)?;
+        let k = split(self.linear(layer, LinearKind::K, &h, adapter)?, kv_heads)?;
+        let v = split(self.linear(layer, LinearKind::V, &h, adapter)?, kv_heads)?;
+        let q = rope.apply(&q)?;
+        let k = repeat_kv(&rope.apply(&k)?, heads / kv_heads)?;
+        let v = repeat_kv(&v, heads / kv_heads)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
+        let attn = softmax_last(&scores)?.matmul(&v)?;
+        let attn = attn.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let out = self.linear(layer, LinearKind::O, &attn, adapter)?;
+        x + out
+    }
+
+    fn mlp(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        adapter: Option<&AdapterCall<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let h = rms_norm(x, &self.layers[layer].post_norm, cfg.rms_norm_eps)?;
+        let gate = self.linear(layer, LinearKind::Gate, &h, adapter)?;
+        let up = self.linear(layer, LinearKind::Up, &h, adapter)?;
+        let act = (gate.silu()? * up)?;
+        let down = self.linear(layer, LinearKind::Down, &act, adapter)?;
+        x + down
+    }
+
+    /// Bytes the model keeps resident (weights only).
+    pub fn resident_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = dense(&self.embed) + dense(&self.final_norm);
+        total += self.lm_head.as_ref().map_or(0, dense);
+        for l in &self.layers {
+            total += dense(&l.input_norm) + dense(&l.post_norm);
+            total += l
+                .linears
+                .iter()
+                .map(BaseLinear::resident_bytes)
+                .sum::<usize>();
+        }
+        total
+    }
+}
+
+/// `[t, t]` with 0 on and below the diagonal and -inf above.
+fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(DType::F32)
+}
+
+/// `[b, kv, t, hd] -> [b, kv * n, t, hd]`, each key/value head serving `n` query heads.
+fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, hd))?
+        .reshape((b, kv * n, t, hd))
+}

@@ -1,0 +1,6 @@
+//! Training: data, loss and evaluation, the masked optimizer, the DyLoRA loop and its driver.
+pub mod data;
+pub mod eval;
+pub mod optim;
+pub mod run;
+pub mod trainer;

@@ -1,0 +1,338 @@
+//! `qdylora quantize` and `qdylora logits` as a user runs them, against files written by
+//! transformers, bitsandbytes and PEFT (tests/data/golden), and their error paths.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use qdylora_formats::bundle::{BundleMeta, ModuleTensors, write_bundle};
+use qdylora_formats::peft;
+use safetensors::SafeTensors;
+
+fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden")
+}
+
+fn qdylora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qdylora"))
+        .args(args)
+        .output()
+        .expect("run qdylora")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
+    let d: f64 = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum();
+    let n: f64 = theirs.iter().map(|b| f64::from(*b).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+fn reference(name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(golden().join("ref_logits.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    f32s(st.tensor(name).unwrap().data())
+}
+
+fn logits_file(p: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(p).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), [3, 11, 257]);
+    f32s(t.data())
+}
+
+#[test]
+fn quantize_writes_what_transformers_and_bitsandbytes_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("nf4");
+    let o = qdylora(&[
+        "quantize",
+        "--model",
+        path(&golden().join("base")),
+        "--out",
+        path(&out),
+        "--dtype",
+        "float32",
+        "--compute-dtype",
+        "float32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = std::fs::read(out.join("model.safetensors")).unwrap();
+    let theirs = std::fs::read(golden().join("bnb_nf4_dq/model.safetensors")).unwrap();
+    let (ours, theirs) = (
+        SafeTensors::deserialize(&ours).unwrap(),
+        SafeTensors::deserialize(&theirs).unwrap(),
+    );
+    let mut quantized = 0;
+    for (name, t) in theirs.tensors() {
+        let o = ours
+            .tensor(&name)
+            .unwrap_or_else(|_| panic!("missing {name}"));
+        assert_eq!((o.dtype(), o.shape()), (t.dtype(), t.shape()), "{name}");
+        if t.dtype() == safetensors::Dtype::U8
+            || name.contains("absmax")
+            || name.contains("quant_map")
+        {
+            assert_eq!(o.data(), t.data(), "{name} differs");
+            quantized += 1;
+        }
+    }
+    assert_eq!(ours.len(), theirs.len());
+    // 21 linears, six tensors each.
+    assert_eq!(quantized, 21 * 6);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden().join("bnb_nf4_dq/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["quantization_config"], want["quantization_config"]);
+}
+
+#[test]
+fn logits_match_peft_on_the_bitsandbytes_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let o = qdylora(&[
+        "logits",
+        "--model",
+        path(&golden().join("bnb_nf4_dq")),
+        "--adapter",
+        path(&golden().join("adapter_r8")),
+        "--input-ids",
+        path(&golden().join("input_ids.safetensors")),
+        "--out",
+        path(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = relative_error(&logits_file(&out), &reference("bnb_nf4_dq_plus_adapter"));
+    assert!(err < 1e-4, "relative error {err:e}");
+}
+
+/// The PEFT adapter rewritten as a nested bundle for the golden base.
+fn bundle_from_peft(fingerprint: [u8; 16]) -> Vec<u8> {
+    let a = peft::read_adapter(&golden().join("adapter_r8")).unwrap();
+    let modules: Vec<ModuleTensors> = a
+        .modules
+        .iter()
+        .map(|(name, p)| ModuleTensors {
+            name: name.clone(),
+            in_features: p.in_features as u32,
+            out_features: p.out_features as u32,
+            a: p.a.clone(),
+            b: p.b.clone(),
+        })
+        .collect();
+    let meta = BundleMeta {
+        r_max: 8,
+        alpha: 16.0,
+        dtype: qdylora_core::ElementType::F32,
+        scaling: qdylora_core::rank::Scaling::AlphaOverRank,
+        fingerprint,
+    };
+    write_bundle(&meta, &modules).unwrap()
+}
+
+fn golden_fingerprint() -> [u8; 16] {
+    let source = qdylora::model::load::ModelSource::open(&golden().join("bnb_nf4_dq")).unwrap();
+    qdylora::model::load::base_fingerprint(&source, 64).unwrap()
+}
+
+#[test]
+fn logits_with_a_bundle_at_full_rank_equal_peft_and_lower_ranks_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("adapter.qdyl");
+    std::fs::write(&bundle, bundle_from_peft(golden_fingerprint())).unwrap();
+    let run = |model: &str, rank: &str, out: &Path| {
+        let o = qdylora(&[
+            "logits",
+            "--model",
+            path(&golden().join(model)),
+            "--adapter",
+            path(&bundle),
+            "--rank",
+            rank,
+            "--input-ids",
+            path(&golden().join("input_ids.safetensors")),
+            "--out",
+            path(out),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        logits_file(out)
+    };
+    let full = run("bnb_nf4_dq", "8", &dir.path().join("r8.safetensors"));
+    assert!(relative_error(&full, &reference("bnb_nf4_dq_plus_adapter")) < 1e-4);
+    // The HF checkpoint has the same fingerprint (quantized bit-exactly at load).
+    let hf = run("base", "8", &dir.path().join("hf.safetensors"));
+    assert!(relative_error(&hf, &reference("base_f32_plus_adapter")) < 1e-4);
+    let r4 = run("bnb_nf4_dq", "4", &dir.path().join("r4.safetensors"));
+    assert!(relative_error(&r4, &full) > 1e-3);
+    assert!(relative_error(&r4, &reference("bnb_nf4_dq_f32compute")) > 1e-3);
+}
+
+/// Runs a command that must fail: non-zero exit, an `error:` line mentioning `needle`, and no
+/// output file left behind.
+fn expect_failure(args: &[&str], out: &Path, needle: &str) {
+    let o = qdylora(args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(
+        stderr.contains("error:") && stderr.contains(needle),
+        "{args:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.exists(), "{args:?} left {}", out.display());
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let ids = golden().join("input_ids.safetensors");
+    let bnb = golden().join("bnb_nf4_dq");
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["logits", "--input-ids", path(&ids), "--out", path(&out)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let check = |extra: &[&str], needle: &str| {
+        let args = base(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_failure(&refs, &out, needle);
+    };
+    check(&["--model", "/nonexistent/model"], "does not exist");
+    check(
+        &[
+            "--model",
+            path(&bnb),
+            "--adapter",
+            path(&golden().join("adapter_r8")),
+            "--rank",
+            "0",
+        ],
+        "rank 0",
+    );
+    check(
+        &[
+            "--model",
+            path(&bnb),
+            "--adapter",
+            path(&golden().join("adapter_r8")),
+            "--rank",
+            "9",
+        ],
+        "rank 9",
+    );
+    let bundle = dir.path().join("a.qdyl");
+    std::fs::write(&bundle, bundle_from_peft(golden_fingerprint())).unwrap();
+    check(
+        &["--model", path(&bnb), "--adapter", path(&bundle)],
+        "--rank is required",
+    );
+    let wrong = dir.path().join("wrong.qdyl");
+    std::fs::write(&wrong, bundle_from_peft([7; 16])).unwrap();
+    check(
+        &[
+            "--model",
+            path(&bnb),
+            "--adapter",
+            path(&wrong),
+            "--rank",
+            "2",
+        ],
+        "another base model",
+    );
+    let mut cut = bundle_from_peft(golden_fingerprint());
+    cut.truncate(40);
+    let cut_path = dir.path().join("cut.qdyl");
+    std::fs::write(&cut_path, cut).unwrap();
+    check(
+        &[
+            "--model",
+            path(&bnb),
+            "--adapter",
+            path(&cut_path),
+            "--rank",
+            "1",
+        ],
+        "bundle",
+    );
+
+    // A model whose weights hold a NaN, and one of another architecture.
+    let copy = |name: &str, edit: &dyn Fn(&Path)| -> PathBuf {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(golden().join("base").join(f), d.join(f)).unwrap();
+        }
+        edit(&d);
+        d
+    };
+    let nan = copy("nan", &|d| {
+        let mut bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+        let n = bytes.len();
+        // The last tensor's last bf16 value becomes NaN (0x7fc0).
+        bytes[n - 2..].copy_from_slice(&0x7fc0u16.to_le_bytes());
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    });
+    check(&["--model", path(&nan)], "finite");
+    let arch = copy("arch", &|d| {
+        let mut c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+        c["model_type"] = "gpt2".into();
+        c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        std::fs::write(d.join("config.json"), serde_json::to_vec(&c).unwrap()).unwrap();
+    });
+    check(&["--model", path(&arch)], "gpt2");
+
+    // quantize refuses an existing output folder and leaves nothing half-written on failure.
+    let existing = dir.path().join("exists");
+    std::fs::create_dir_all(&existing).unwrap();
+    let o = qdylora(&[
+        "quantize",
+        "--model",
+        path(&golden().join("base")),
+        "--out",
+        path(&existing),
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    let failed = dir.path().join("never");
+    let o = qdylora(&["quantize", "--model", path(&nan), "--out", path(&failed)]);
+    assert!(!o.status.success());
+    assert!(!failed.exists());
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        "quantize",
+        "logits",
+        "train",
+        "sweep",
+        "export",
+        "demo",
+        "demo-base",
+    ] {
+        let o = qdylora(&[cmd, "--help"]);
+        assert!(o.status.success(), "{cmd} --help");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Usage"),
+            "{cmd}"
+        );
+    }
+}
