@@ -1,6 +1,7 @@
 //! The `qdylora` command line: one module per subcommand.
 pub mod demo;
 pub mod export;
+pub mod generate;
 pub mod logits;
 pub mod progress;
 pub mod quantize;
@@ -27,6 +28,8 @@ pub enum Command {
     Logits(logits::Args),
     /// Train a QDyLoRA adapter (all ranks at once) or a plain QLoRA baseline on an NF4 base.
     Train(train::Args),
+    /// Greedy generation with the NF4 base and an adapter at a rank (what a device computes).
+    Generate(generate::Args),
     /// Evaluate a trained adapter at every rank and recommend one.
     Sweep(sweep::Args),
     /// Export the nested bundle, PEFT adapters, the device model, and ranks per byte budget.
@@ -44,6 +47,7 @@ impl Cli {
             Command::Quantize(args) => quantize::run(&args),
             Command::Logits(args) => logits::run(&args),
             Command::Train(args) => train::run_command(&args),
+            Command::Generate(args) => generate::run(&args),
             Command::Sweep(args) => sweep::run(&args),
             Command::Export(args) => export::run(&args),
             Command::Demo(args) => demo::run(&args),

@@ -56,8 +56,8 @@ pub fn base_config_json(cfg: &DecoderConfig) -> serde_json::Value {
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
         "max_position_embeddings": 32,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": shortest_f64(cfg.rms_norm_eps),
+        "rope_theta": shortest_f64(cfg.rope_theta),
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": false,
@@ -67,6 +67,11 @@ pub fn base_config_json(cfg: &DecoderConfig) -> serde_json::Value {
         "pad_token_id": 0,
         "dtype": "bfloat16",
     })
+}
+
+/// The f64 whose shortest decimal form is the f32's (1e-5, not 9.999999747378752e-6).
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 /// Sizes and lengths of a demo run.
