@@ -8,16 +8,21 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod adapter_ram;
+pub mod arena;
+pub mod assets;
 pub mod budget;
 mod error;
 pub mod exit;
 mod fault;
+mod fault_injection;
+pub mod generate;
 pub mod selfcheck;
 pub mod stack;
 pub mod synthetic;
 
-pub use error::FirmwareError;
+pub use error::{FirmwareError, FormatFault};
 
 // The critical-section implementation (feature `critical-section-single-core`) and the defmt
 // global logger are found by the linker only if these crates are linked.
