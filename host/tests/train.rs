@@ -383,7 +383,23 @@ fn sigkill_during_a_save_never_corrupts_the_last_checkpoint() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(600 + 97 * i));
+        // Wait for this run to log a step of its own (so the kill is independent of how fast
+        // the machine is), then kill after a short, varying delay inside the next step/save.
+        let metrics = out.join("metrics.jsonl");
+        let logged_lines = || {
+            std::fs::read_to_string(&metrics)
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
+        };
+        let before = logged_lines();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while logged_lines() <= before
+            && child.try_wait().unwrap().is_none()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis((i * 7) % 13));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             kills += 1;

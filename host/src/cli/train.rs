@@ -229,6 +229,8 @@ pub fn run_command(args: &Args) -> Result<()> {
                 args.out.display()
             );
         }
+        // A run killed before its first checkpoint leaves log lines nothing can resume from.
+        truncate_metrics(&files.metrics(), 0)?;
         Trainer::new(&model.llama, config, fingerprint)?
     };
     eprintln!(
