@@ -1,6 +1,8 @@
 //! Logits against references computed by transformers, bitsandbytes and PEFT themselves
 //! (`tests/data/golden/make_golden.py`): ‖ours − ref‖ / ‖ref‖ < 1e-4.
 
+mod common;
+use common::relative_error;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -22,17 +24,6 @@ fn reference(name: &str) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
-}
-
-fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
-    assert_eq!(ours.len(), theirs.len());
-    let diff: f64 = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
-        .sum();
-    let norm: f64 = theirs.iter().map(|b| f64::from(*b).powi(2)).sum();
-    (diff / norm).sqrt()
 }
 
 fn logits(model_dir: &str, adapter: bool) -> Vec<f32> {
@@ -57,12 +48,14 @@ fn logits(model_dir: &str, adapter: bool) -> Vec<f32> {
 #[test]
 fn hf_checkpoint_matches_transformers() {
     let err = relative_error(&logits("base", false), &reference("base_f32"));
+    eprintln!("relative error {err:.2e}");
     assert!(err < 1e-4, "relative error {err:e}");
 }
 
 #[test]
 fn hf_checkpoint_with_peft_adapter_matches_peft() {
     let err = relative_error(&logits("base", true), &reference("base_f32_plus_adapter"));
+    eprintln!("relative error {err:.2e}");
     assert!(err < 1e-4, "relative error {err:e}");
 }
 
@@ -72,6 +65,7 @@ fn bnb_checkpoint_matches_transformers_bitsandbytes() {
         &logits("bnb_nf4_dq", false),
         &reference("bnb_nf4_dq_f32compute"),
     );
+    eprintln!("relative error {err:.2e}");
     assert!(err < 1e-4, "relative error {err:e}");
 }
 
@@ -81,6 +75,7 @@ fn bnb_checkpoint_with_peft_adapter_matches_peft() {
         &logits("bnb_nf4_dq", true),
         &reference("bnb_nf4_dq_plus_adapter"),
     );
+    eprintln!("relative error {err:.2e}");
     assert!(err < 1e-4, "relative error {err:e}");
 }
 
