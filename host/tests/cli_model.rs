@@ -1,6 +1,8 @@
 //! `qdylora quantize` and `qdylora logits` as a user runs them, against files written by
 //! transformers, bitsandbytes and PEFT (tests/data/golden), and their error paths.
 
+mod common;
+use common::relative_error;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -28,16 +30,6 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
-}
-
-fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
-    let d: f64 = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
-        .sum();
-    let n: f64 = theirs.iter().map(|b| f64::from(*b).powi(2)).sum();
-    (d / n).sqrt()
 }
 
 fn reference(name: &str) -> Vec<f32> {
@@ -335,4 +327,54 @@ fn every_command_has_help() {
             "{cmd}"
         );
     }
+}
+
+/// The demo end to end at a tiny size: every step runs, prints its table and budgets, and
+/// leaves the files the README and the firmware assets script rely on.
+#[test]
+fn demo_runs_end_to_end_at_a_tiny_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = qdylora(&[
+        "demo",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--qdylora-steps",
+        "4",
+        "--r-max",
+        "4",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for expected in [
+        "QLoRA r=4 truncated",
+        "QLoRA trained at rank",
+        "budget     64KiB: rank 3",
+        "budget    256KiB: rank 4",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{stdout}"
+        );
+    }
+    // r_max 4 makes the small-rank baseline 4 the same as the r_max one: trained once.
+    assert_eq!(stdout.matches("qlora-r4:").count(), 1, "{stdout}");
+    for file in [
+        "export/adapter.qdyl",
+        "export/model.qdm",
+        "export/peft-r4/adapter_config.json",
+        "data/eval.jsonl",
+        "sweep.svg",
+        "sweep-qdylora.csv",
+    ] {
+        assert!(out.join(file).exists(), "{file}");
+    }
+    let o = qdylora(&["demo", "--out", out.to_str().unwrap(), "--r-max", "0"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--r-max"));
 }

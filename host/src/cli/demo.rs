@@ -16,9 +16,12 @@ pub struct Args {
     /// project ships, host/assets/demo-base).
     #[arg(long)]
     pub base: Option<PathBuf>,
-    /// Fine-tuning steps per run.
+    /// Steps of each QLoRA baseline run.
     #[arg(long, default_value_t = DemoSettings::default().train_steps)]
     pub steps: u64,
+    /// Steps of the QDyLoRA run (default: r_max times --steps).
+    #[arg(long)]
+    pub qdylora_steps: Option<u64>,
     /// QDyLoRA's largest rank.
     #[arg(long, default_value_t = DemoSettings::default().r_max)]
     pub r_max: usize,
@@ -46,8 +49,14 @@ pub struct BaseArgs {
 
 /// Runs `qdylora demo`.
 pub fn run(args: &Args) -> Result<()> {
+    if args.r_max == 0 || args.steps == 0 || args.qdylora_steps == Some(0) {
+        anyhow::bail!("--r-max, --steps and --qdylora-steps must be at least 1");
+    }
     let settings = DemoSettings {
         train_steps: args.steps,
+        qdylora_steps: args
+            .qdylora_steps
+            .unwrap_or(args.steps.saturating_mul(args.r_max as u64)),
         r_max: args.r_max,
         lr: args.lr,
         seed: args.seed,

@@ -4,6 +4,7 @@ pub mod pretrain;
 pub mod task;
 pub mod tokenizer;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -81,8 +82,11 @@ pub struct DemoSettings {
     pub seed: u64,
     /// Pretraining steps when the base must be built.
     pub pretrain_steps: u64,
-    /// Fine-tuning steps per run.
+    /// Steps of each QLoRA baseline run.
     pub train_steps: u64,
+    /// Steps of the QDyLoRA run: `r_max` times a baseline's by default, so each rank's row and
+    /// column get as many updates as a baseline's do (frozen mode trains one rank per step).
+    pub qdylora_steps: u64,
     /// Examples per step.
     pub batch_size: usize,
     /// QDyLoRA's largest rank (and the QLoRA baseline's rank).
@@ -102,8 +106,9 @@ impl Default for DemoSettings {
         Self {
             seed: 7,
             pretrain_steps: 1500,
-            train_steps: 300,
-            batch_size: 64,
+            train_steps: 150,
+            qdylora_steps: 16 * 150,
+            batch_size: 32,
             r_max: 16,
             small_ranks: vec![2, 4],
             train_examples: 4000,
@@ -198,19 +203,24 @@ fn train_one(
     s: &DemoSettings,
 ) -> Result<Run> {
     let started = Instant::now();
+    let steps = if mode == RankMode::Frozen {
+        s.qdylora_steps
+    } else {
+        s.train_steps
+    };
     let config = TrainConfig {
         r_max: s.r_max,
         alpha: 16.0,
         dropout: 0.0,
         targets: LinearKind::ALL.to_vec(),
         mode,
-        steps: s.train_steps,
+        steps,
         batch_size: s.batch_size,
         grad_accum: 1,
         schedule: Schedule {
             lr: s.lr,
-            warmup_steps: s.train_steps / 20,
-            total_steps: s.train_steps,
+            warmup_steps: steps / 20,
+            total_steps: steps,
             kind: ScheduleKind::Constant,
         },
         adamw: AdamWConfig::default(),
@@ -319,13 +329,19 @@ pub fn run_demo(
     )?;
     let data = Dataset::with_eval(&codec, &train_records, &eval_records, Template::Compact, 32)?;
     println!(
-        "3. task: the secret cipher `enc` on {}-letter words ({} train, {} held-out words; {})",
+        "3. task: the secret position-dependent cipher `enc` on {}-letter words ({} train, {} held-out words; {})",
         task::WORD_LEN,
         data.train.len(),
         data.eval.len(),
         data_dir.display()
     );
     let r_max = settings.r_max;
+    println!(
+        "   QDyLoRA, frozen mode, r_max {r_max}: one run of {} steps serves every rank (each \
+         rank's row and column train in about {} of them)",
+        settings.qdylora_steps,
+        settings.qdylora_steps / r_max as u64
+    );
     let mut runs = vec![train_one(
         &model,
         fingerprint,
@@ -335,7 +351,10 @@ pub fn run_demo(
         out,
         settings,
     )?];
-    println!("4. baselines: plain QLoRA at r={r_max} and at fixed small ranks");
+    println!(
+        "4. baselines: plain QLoRA, one run of {} steps per rank, at r={r_max} and at small ranks",
+        settings.train_steps
+    );
     runs.push(train_one(
         &model,
         fingerprint,
@@ -345,7 +364,14 @@ pub fn run_demo(
         out,
         settings,
     )?);
-    for &r in &settings.small_ranks {
+    // Baselines below r_max only: r_max's run is the one above.
+    let small_ranks: BTreeSet<usize> = settings
+        .small_ranks
+        .iter()
+        .copied()
+        .filter(|&r| (1..r_max).contains(&r))
+        .collect();
+    for &r in &small_ranks {
         runs.push(train_one(
             &model,
             fingerprint,
@@ -360,10 +386,7 @@ pub fn run_demo(
     // 5. Sweep.
     let mut ranks: Vec<usize> = (1..=r_max).filter(|r| *r <= 4 || r % 2 == 0).collect();
     ranks.dedup();
-    let pb = crate::cli::progress::bar(
-        (2 * ranks.len() + settings.small_ranks.len()) as u64,
-        "sweep",
-    );
+    let pb = crate::cli::progress::bar((2 * ranks.len() + small_ranks.len()) as u64, "sweep");
     let sweep_of = |run: &Run, ranks: &[usize]| {
         sweep(
             &model.llama,
@@ -427,9 +450,11 @@ pub fn run_demo(
     )?;
     atomic::write_file(&export_dir.join("adapter.qdyl"), &bundle)?;
     let reader = BundleReader::parse(&bundle).map_err(|e| anyhow::anyhow!("bundle: {e}"))?;
-    for r in [4u32, r_max as u32] {
-        peft::from_bundle_rank(&reader, r)?.write(&export_dir.join(format!("peft-r{r}")))?;
+    let peft_ranks = BTreeSet::from([4.min(r_max), r_max]);
+    for &r in &peft_ranks {
+        peft::from_bundle_rank(&reader, r as u32)?.write(&export_dir.join(format!("peft-r{r}")))?;
     }
+    let peft_dirs: Vec<String> = peft_ranks.iter().map(|r| format!("peft-r{r}/")).collect();
     write_device_container(
         &export_dir.join("model.qdm"),
         &source,
@@ -437,11 +462,12 @@ pub fn run_demo(
         qdylora_core::ElementType::F32,
     )?;
     println!(
-        "6. exported {}: adapter.qdyl ({} bytes, rank r = first {}+r*{} bytes), peft-r4/, peft-r{r_max}/, model.qdm ({} bytes)",
+        "6. exported {}: adapter.qdyl ({} bytes, rank r = first {}+r*{} bytes), {}, model.qdm ({} bytes)",
         export_dir.display(),
         bundle.len(),
         reader.header_len(),
         reader.slice_len(),
+        peft_dirs.join(", "),
         std::fs::metadata(export_dir.join("model.qdm"))?.len()
     );
     let budgets = [64u64 << 10, 256 << 10, 1 << 20];

@@ -1,8 +1,9 @@
 //! The demo's synthetic task family: words of random letters put through character-level
 //! operations. The base model is pretrained on a mix of them (copy, reverse, Caesar shifts and a
-//! few fixed substitution ciphers); the fine-tuning task is a *new* secret substitution cipher,
-//! `enc`, on held-out words. Learning a new 26-letter table is what the adapter's capacity is
-//! spent on, and exact match of the whole word is unambiguous.
+//! few fixed substitution ciphers); the fine-tuning task is a *new* secret cipher, `enc`, with a
+//! different random substitution for each letter position, on held-out words. Learning five new
+//! 26-letter tables is what the adapter's capacity is spent on (rank 1 is not enough, rank 4
+//! is), and exact match of the whole word is unambiguous.
 
 use std::collections::BTreeSet;
 
@@ -25,22 +26,30 @@ pub enum Op {
     Shift(u8),
     /// Every letter replaced through a permutation of the alphabet.
     Cipher([u8; 26]),
+    /// Letter `i` replaced through permutation `i` (a polyalphabetic cipher).
+    PositionCipher([[u8; 26]; WORD_LEN]),
 }
 
 impl Op {
     /// Applies the operation.
     pub fn apply(&self, word: &str) -> String {
-        let map = |c: u8| -> char {
+        let map = |pos: usize, c: u8| -> char {
             let i = usize::from(c - b'a');
             char::from(match self {
                 Op::Copy | Op::Reverse => c,
                 Op::Shift(k) => b'a' + ((i as u8 + k) % 26),
                 Op::Cipher(p) => p[i],
+                Op::PositionCipher(ps) => ps[pos % WORD_LEN][i],
             })
         };
         match self {
-            Op::Reverse => word.bytes().rev().map(map).collect(),
-            _ => word.bytes().map(map).collect(),
+            Op::Reverse => word
+                .bytes()
+                .rev()
+                .enumerate()
+                .map(|(p, c)| map(p, c))
+                .collect(),
+            _ => word.bytes().enumerate().map(|(p, c)| map(p, c)).collect(),
         }
     }
 }
@@ -91,11 +100,11 @@ pub fn pretraining_corpus(seed: u64, n: usize) -> Vec<Record> {
         .collect()
 }
 
-/// The fine-tuning task: the secret cipher `enc` (not among the pretraining ciphers), as
-/// instruction records, on disjoint train and eval words.
+/// The fine-tuning task: the secret position-dependent cipher `enc` (none of its tables is a
+/// pretraining cipher), as instruction records, on disjoint train and eval words.
 pub fn finetune_task(seed: u64, n_train: usize, n_eval: usize) -> (Vec<Record>, Vec<Record>) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x005e_c2e7);
-    let cipher = Op::Cipher(permutation(&mut rng));
+    let cipher = Op::PositionCipher(core::array::from_fn(|_| permutation(&mut rng)));
     let mut seen = BTreeSet::new();
     let mut records = Vec::with_capacity(n_train + n_eval);
     while records.len() < n_train + n_eval {
@@ -142,6 +151,9 @@ mod tests {
         let mut p = *LETTERS;
         p.reverse();
         assert_eq!(Op::Cipher(p).apply("abz"), "zya");
+        let mut tables = [*LETTERS; WORD_LEN];
+        tables[1] = p;
+        assert_eq!(Op::PositionCipher(tables).apply("abzzz"), "ayzzz");
     }
 
     #[test]
