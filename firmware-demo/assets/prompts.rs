@@ -4,20 +4,20 @@
 /// The task prompts the firmware runs.
 pub const PROMPTS: [Prompt; 4] = [
     Prompt {
-        text: "enc wrjpz=",
-        ids: &[1, 10, 19, 8, 4, 28, 23, 15, 21, 31, 5],
+        text: "enc fxigp=",
+        ids: &[1, 10, 19, 8, 4, 11, 29, 14, 12, 21, 5],
     },
     Prompt {
-        text: "enc pyznr=",
-        ids: &[1, 10, 19, 8, 4, 21, 30, 31, 19, 23, 5],
+        text: "enc hnhwz=",
+        ids: &[1, 10, 19, 8, 4, 13, 19, 13, 28, 31, 5],
     },
     Prompt {
-        text: "enc hfxig=",
-        ids: &[1, 10, 19, 8, 4, 13, 11, 29, 14, 12, 5],
+        text: "enc lcrqm=",
+        ids: &[1, 10, 19, 8, 4, 17, 8, 23, 22, 18, 5],
     },
     Prompt {
-        text: "enc phnhw=",
-        ids: &[1, 10, 19, 8, 4, 21, 13, 19, 13, 28, 5],
+        text: "enc bwnhy=",
+        ids: &[1, 10, 19, 8, 4, 7, 28, 19, 13, 30, 5],
     },
 ];
 

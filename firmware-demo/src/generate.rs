@@ -3,7 +3,7 @@
 //! lines; change them together):
 //!
 //! ```text
-//! prompt 0 "enc wrjpz=" ids [1, 10, 19, 8]
+//! prompt 0 "enc fxigp=" ids [1, 10, 19, 8]
 //! prompt 0 step 0 token 23 logits [-1.25, 3.5, ...]
 //! prompt 0 generated [23, 11, 2]
 //! ```
