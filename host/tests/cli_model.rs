@@ -319,6 +319,7 @@ fn every_command_has_help() {
         "export",
         "demo",
         "demo-base",
+        "gpu-dequant",
     ] {
         let o = qdylora(&[cmd, "--help"]);
         assert!(o.status.success(), "{cmd} --help");
@@ -377,4 +378,18 @@ fn demo_runs_end_to_end_at_a_tiny_size() {
     }
     let o = qdylora(&["demo", "--out", out.to_str().unwrap(), "--r-max", "0"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--r-max"));
+}
+
+/// The default build has no GPU path: the GPU command says how to get one instead of failing
+/// obscurely.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_command_without_the_cuda_feature_says_how_to_build_it() {
+    let o = qdylora(&["gpu-dequant", "--rows", "64", "--cols", "64"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--features cuda"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -2,6 +2,7 @@
 pub mod demo;
 pub mod export;
 pub mod generate;
+pub mod gpu;
 pub mod logits;
 pub mod progress;
 pub mod quantize;
@@ -38,6 +39,9 @@ pub enum Command {
     Demo(demo::Args),
     /// Pretrain the demo's small base model from generated text (how host/assets/demo-base was made).
     DemoBase(demo::BaseArgs),
+    /// NF4 dequantization on the GPU, checked bit for bit against the CPU and timed (needs the
+    /// `cuda` feature and an NVIDIA GPU; not yet run on one).
+    GpuDequant(gpu::DequantArgs),
 }
 
 impl Cli {
@@ -52,6 +56,7 @@ impl Cli {
             Command::Export(args) => export::run(&args),
             Command::Demo(args) => demo::run(&args),
             Command::DemoBase(args) => demo::run_base(&args),
+            Command::GpuDequant(args) => gpu::run_dequant(&args),
         }
     }
 }
