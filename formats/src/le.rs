@@ -77,6 +77,42 @@ pub(crate) fn region(
     bytes.get(start..end).ok_or(out_of_bounds)
 }
 
+/// The whole header of a file whose fixed part ends at `fixed_len` and stores, at `crc_at`, a
+/// CRC-32 of the header without the CRC field and the rest of the fixed part: `header_len` must
+/// be at least `min_len`, a multiple of `align`, and present in `bytes`.
+pub(crate) fn checked_header(
+    bytes: &[u8],
+    header_len: u64,
+    min_len: usize,
+    align: u64,
+    crc_at: usize,
+    fixed_len: usize,
+) -> Result<&[u8], FormatError> {
+    if header_len < min_len as u64 || !header_len.is_multiple_of(align) {
+        return Err(FormatError::InvalidValue {
+            field: Field::HeaderLen,
+            value: header_len,
+        });
+    }
+    let header =
+        region(bytes, Field::HeaderLen, 0, 0, header_len).map_err(|_| FormatError::Truncated {
+            field: Field::HeaderLen,
+            needed: header_len,
+            available: bytes.len() as u64,
+        })?;
+    let stored = u32_at(header, crc_at);
+    let computed = crc32(&[&header[..crc_at], &header[fixed_len..]]);
+    if !checksum_ok(stored, computed) {
+        return Err(FormatError::ChecksumMismatch {
+            field: Field::HeaderChecksum,
+            index: 0,
+            stored,
+            computed,
+        });
+    }
+    Ok(header)
+}
+
 /// CRC-32 (IEEE) of the concatenation of `parts`.
 pub(crate) fn crc32(parts: &[&[u8]]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();

@@ -67,29 +67,14 @@ impl<'a> BundleReader<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
         check_fixed(bytes)?;
         let header_len = u64::from(le::u32_at(bytes, field::HEADER_LEN));
-        if header_len < FIXED_HEADER_LEN as u64 || !header_len.is_multiple_of(SLICE_ALIGN) {
-            return Err(FormatError::InvalidValue {
-                field: Field::HeaderLen,
-                value: header_len,
-            });
-        }
-        let header = region(bytes, Field::HeaderLen, 0, 0, header_len).map_err(|_| {
-            FormatError::Truncated {
-                field: Field::HeaderLen,
-                needed: header_len,
-                available: bytes.len() as u64,
-            }
-        })?;
-        let stored = le::u32_at(header, field::HEADER_CRC);
-        let computed = le::crc32(&[&header[..field::HEADER_CRC], &header[FIXED_HEADER_LEN..]]);
-        if !le::checksum_ok(stored, computed) {
-            return Err(FormatError::ChecksumMismatch {
-                field: Field::HeaderChecksum,
-                index: 0,
-                stored,
-                computed,
-            });
-        }
+        let header = le::checked_header(
+            bytes,
+            header_len,
+            FIXED_HEADER_LEN,
+            SLICE_ALIGN,
+            field::HEADER_CRC,
+            FIXED_HEADER_LEN,
+        )?;
 
         let dtype_code = le::u8_at(header, field::DTYPE);
         let dtype = dtype_from_code(dtype_code).ok_or(FormatError::InvalidValue {

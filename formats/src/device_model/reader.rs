@@ -80,29 +80,14 @@ impl<'a> DeviceModelReader<'a> {
             });
         }
         let header_len = le::u64_at(bytes, field::HEADER_LEN);
-        if header_len < TABLE_OFFSET as u64 || !header_len.is_multiple_of(DATA_ALIGN) {
-            return Err(FormatError::InvalidValue {
-                field: Field::HeaderLen,
-                value: header_len,
-            });
-        }
-        let header = region(bytes, Field::HeaderLen, 0, 0, header_len).map_err(|_| {
-            FormatError::Truncated {
-                field: Field::HeaderLen,
-                needed: header_len,
-                available: bytes.len() as u64,
-            }
-        })?;
-        let stored = le::u32_at(header, field::HEADER_CRC);
-        let computed = le::crc32(&[&header[..field::HEADER_CRC], &header[FIXED_HEADER_LEN..]]);
-        if !le::checksum_ok(stored, computed) {
-            return Err(FormatError::ChecksumMismatch {
-                field: Field::HeaderChecksum,
-                index: 0,
-                stored,
-                computed,
-            });
-        }
+        let header = le::checked_header(
+            bytes,
+            header_len,
+            TABLE_OFFSET,
+            DATA_ALIGN,
+            field::HEADER_CRC,
+            FIXED_HEADER_LEN,
+        )?;
         let file_len = le::u64_at(header, field::FILE_LEN);
         if (bytes.len() as u64) < file_len {
             return Err(FormatError::Truncated {
