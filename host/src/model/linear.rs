@@ -24,6 +24,9 @@ pub enum BaseLinear {
         /// `Wᵀ`.
         weight_t: Tensor,
     },
+    /// NF4 + double-quant in GPU memory, dequantized per call by this project's CUDA kernel.
+    #[cfg(feature = "cuda")]
+    Nf4Cuda(Arc<crate::gpu::CudaNf4Weight>),
 }
 
 impl BaseLinear {
@@ -39,6 +42,8 @@ impl BaseLinear {
         match self {
             Self::Nf4(w) => w.cols,
             Self::Dense { weight_t } => weight_t.dims()[0],
+            #[cfg(feature = "cuda")]
+            Self::Nf4Cuda(w) => w.cols(),
         }
     }
 
@@ -47,6 +52,8 @@ impl BaseLinear {
         match self {
             Self::Nf4(w) => w.rows,
             Self::Dense { weight_t } => weight_t.dims()[1],
+            #[cfg(feature = "cuda")]
+            Self::Nf4Cuda(w) => w.rows(),
         }
     }
 
@@ -73,6 +80,19 @@ impl BaseLinear {
                 y.reshape(out_dims)
             }
             Self::Dense { weight_t } => x.broadcast_matmul(weight_t),
+            #[cfg(feature = "cuda")]
+            Self::Nf4Cuda(w) => {
+                let dims = x.dims().to_vec();
+                let (lead, _) = dims.split_at(dims.len() - 1);
+                let m: usize = lead.iter().product();
+                let y = crate::gpu::nf4_linear::linear_forward(
+                    &x.reshape((m, w.cols()))?.contiguous()?,
+                    w,
+                )?;
+                let mut out_dims = lead.to_vec();
+                out_dims.push(w.rows());
+                y.reshape(out_dims)
+            }
         }
     }
 
@@ -81,6 +101,8 @@ impl BaseLinear {
         match self {
             Self::Nf4(w) => w.resident_bytes(),
             Self::Dense { weight_t } => weight_t.elem_count() * weight_t.dtype().size_in_bytes(),
+            #[cfg(feature = "cuda")]
+            Self::Nf4Cuda(w) => w.resident_bytes(),
         }
     }
 }

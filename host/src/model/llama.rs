@@ -1,6 +1,9 @@
 //! A LLaMA-family decoder on candle: embeddings, RMSNorm, half-split RoPE, grouped-query
 //! attention, SwiGLU MLP, tied or untied head. The seven linears of each layer are
 //! [`BaseLinear`]s; an [`AdapterCall`] adds LoRA updates at a chosen rank.
+//!
+//! The activations run in the dtype of the embedding table (f32 on the CPU, bf16 on a GPU);
+//! as in transformers, RMSNorm's statistics and the attention softmax are computed in f32.
 
 use candle_core::{D, DType, Device, Tensor};
 use qdylora_core::infer::{DecoderConfig, LinearKind};
@@ -47,13 +50,19 @@ pub struct Llama {
 }
 
 /// Precomputed RoPE tables for positions `0..t`: `[t, head_dim/2]` each.
+#[derive(Debug)]
 struct Rope {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    fn new(cfg: &DecoderConfig, t: usize, device: &Device) -> candle_core::Result<Self> {
+    fn new(
+        cfg: &DecoderConfig,
+        t: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
         let hd = cfg.head_dim as usize;
         // As transformers: inv_freq = 1 / theta^(2i/d) in f32, angle = pos * inv_freq.
         let inv_freq: Vec<f32> = (0..hd / 2)
@@ -68,9 +77,10 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
+        // Angles in f32, then the tables in the activations' dtype (as transformers does).
         Ok(Self {
-            cos: Tensor::from_vec(cos, (t, hd / 2), device)?,
-            sin: Tensor::from_vec(sin, (t, hd / 2), device)?,
+            cos: Tensor::from_vec(cos, (t, hd / 2), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (t, hd / 2), device)?.to_dtype(dtype)?,
         })
     }
 
@@ -85,11 +95,16 @@ impl Rope {
     }
 }
 
-/// `x * rsqrt(mean(x^2) + eps) * weight` over the last dim.
+/// `x * rsqrt(mean(x^2) + eps) * weight` over the last dim, normalized in f32 and returned in
+/// `x`'s dtype (a no-op cast for f32).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (var + f64::from(eps))?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+    x.broadcast_mul(&inv)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
 }
 
 /// Softmax over the last dim (max subtracted, detached: it does not change the value).
@@ -97,6 +112,13 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// What every layer needs for a sequence length: the RoPE tables and the causal mask.
+#[derive(Debug)]
+pub struct Positions {
+    rope: Rope,
+    mask: Tensor,
 }
 
 impl Llama {
@@ -114,26 +136,58 @@ impl Llama {
         }
     }
 
+    /// The dtype activations run in (the embedding table's).
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
     /// Final hidden states `[b, t, hidden]` for token ids `[b, t]` (u32).
     pub fn hidden(
         &self,
         ids: &Tensor,
         adapter: Option<&AdapterCall<'_>>,
     ) -> candle_core::Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let cfg = &self.config;
-        let hidden = cfg.hidden_size as usize;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, hidden))?;
-        let rope = Rope::new(cfg, t, &self.device)?;
-        let mask = causal_mask(t, &self.device)?;
+        let mut x = self.embed_tokens(ids)?;
+        let positions = self.positions(ids.dim(1)?)?;
         for layer in 0..self.layers.len() {
-            x = self.attention(layer, &x, &rope, &mask, adapter)?;
-            x = self.mlp(layer, &x, adapter)?;
+            x = self.layer(layer, &x, &positions, adapter)?;
         }
-        rms_norm(&x, &self.final_norm, cfg.rms_norm_eps)
+        self.final_hidden(&x)
+    }
+
+    /// The embeddings `[b, t, hidden]` of token ids `[b, t]`: the first layer's input.
+    pub fn embed_tokens(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.config.hidden_size as usize,
+        ))
+    }
+
+    /// RoPE tables and causal mask for sequences of length `t`.
+    pub fn positions(&self, t: usize) -> candle_core::Result<Positions> {
+        Ok(Positions {
+            rope: Rope::new(&self.config, t, &self.device, self.dtype())?,
+            mask: causal_mask(t, &self.device)?,
+        })
+    }
+
+    /// Decoder layer `layer`: attention then MLP, each with its residual.
+    pub fn layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Positions,
+        adapter: Option<&AdapterCall<'_>>,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.attention(layer, x, &positions.rope, &positions.mask, adapter)?;
+        self.mlp(layer, &x, adapter)
+    }
+
+    /// The final norm applied to the last layer's output.
+    pub fn final_hidden(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        rms_norm(x, &self.final_norm, self.config.rms_norm_eps)
     }
 
     /// Logits `[b, t, vocab]` for token ids `[b, t]`.
@@ -177,8 +231,10 @@ impl Llama {
         let q = rope.apply(&q)?;
         let k = repeat_kv(&rope.apply(&k)?, heads / kv_heads)?;
         let v = repeat_kv(&v, heads / kv_heads)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
-        let attn = softmax_last(&scores)?.matmul(&v)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
+            .to_dtype(DType::F32)?
+            .broadcast_add(mask)?;
+        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let out = self.linear(layer, LinearKind::O, &attn, adapter)?;
         x + out

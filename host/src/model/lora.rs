@@ -140,8 +140,9 @@ impl LoraModule {
         grad: RankGrad,
         scale: f64,
     ) -> candle_core::Result<Tensor> {
-        let a = self.a_slice(r, grad)?;
-        let b = self.b_slice(r, grad)?;
+        // The adapter keeps its own dtype; the product runs in the activations' (bf16 on a GPU).
+        let a = self.a_slice(r, grad)?.to_dtype(x.dtype())?;
+        let b = self.b_slice(r, grad)?.to_dtype(x.dtype())?;
         let u = x.broadcast_matmul(&a.t()?)?;
         u.broadcast_matmul(&b.t()?)? * scale
     }
@@ -214,7 +215,7 @@ impl Dropout {
                 }
             })
             .collect();
-        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
     }
 }
 

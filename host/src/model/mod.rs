@@ -3,3 +3,4 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod place;

@@ -17,7 +17,8 @@ pub fn masked_cross_entropy(
     device: &Device,
 ) -> candle_core::Result<(Tensor, f64)> {
     let n = batch.rows * batch.cols;
-    let logits = logits.reshape((n, ()))?;
+    // The loss is computed in f32 whatever the activations' dtype.
+    let logits = logits.reshape((n, ()))?.to_dtype(candle_core::DType::F32)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let lse = (logits
         .broadcast_sub(&max)?

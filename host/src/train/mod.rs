@@ -2,5 +2,6 @@
 pub mod data;
 pub mod eval;
 pub mod optim;
+pub mod recompute;
 pub mod run;
 pub mod trainer;

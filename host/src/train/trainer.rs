@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{Batch, DataCursor, Dataset, Example};
 use super::eval::{eval_loss, masked_cross_entropy};
 use super::optim::{AdamWConfig, MaskedAdamW, Schedule, clip_grad_norm};
+use super::recompute;
 use crate::model::llama::Llama;
 use crate::model::lora::{Adapter, AdapterCall, Dropout, LoraModule, ModuleKey, RankGrad};
 
@@ -140,6 +141,9 @@ fn stream(seed: u64, step: u64, purpose: u64) -> StdRng {
 const PURPOSE_RANK: u64 = 1;
 const PURPOSE_DROPOUT: u64 = 2;
 const PURPOSE_INIT: u64 = 3;
+/// With recomputation each (micro-batch, layer) draws dropout masks from its own stream,
+/// `PURPOSE_LAYER_DROPOUT + (micro_batch << 16) + layer`, so a recomputed layer sees its masks again.
+const PURPOSE_LAYER_DROPOUT: u64 = 1 << 32;
 
 /// A run in progress.
 pub struct Trainer<'m> {
@@ -153,6 +157,10 @@ pub struct Trainer<'m> {
     pub step: u64,
     cursor: DataCursor,
     fingerprint: [u8; 16],
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping them
+    /// (gradient checkpointing, see `recompute`). Off by default: same gradients, less memory,
+    /// about one more forward pass of compute.
+    pub recompute: bool,
 }
 
 impl<'m> Trainer<'m> {
@@ -203,6 +211,7 @@ impl<'m> Trainer<'m> {
                 position: 0,
             },
             fingerprint,
+            recompute: false,
         })
     }
 
@@ -246,7 +255,7 @@ impl<'m> Trainer<'m> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0.0;
         let mut tokens = 0;
-        for batch in &batches {
+        for (micro, batch) in batches.iter().enumerate() {
             let call = AdapterCall {
                 adapter: &self.adapter,
                 rank,
@@ -254,8 +263,34 @@ impl<'m> Trainer<'m> {
                 dropout: (c.dropout > 0.0).then_some(&dropout),
             };
             let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &self.model.device)?;
-            let logits = self.model.forward(&ids, Some(&call))?;
-            let (mean, sum) = masked_cross_entropy(&logits, batch, &self.model.device)?;
+            // Weight each micro-batch by its share of the step's scored tokens.
+            let weight = batch.scored_tokens() as f64 / scored as f64;
+            let (sum, new_grads) = if self.recompute {
+                let (seed, step, p) = (c.seed, self.step, c.dropout);
+                let layer_dropout = |layer: usize| {
+                    let purpose = PURPOSE_LAYER_DROPOUT + ((micro as u64) << 16) + layer as u64;
+                    (p > 0.0).then(|| Dropout {
+                        p,
+                        rng: RefCell::new(stream(seed, step, purpose)),
+                    })
+                };
+                let out = recompute::loss_and_grads(
+                    self.model,
+                    &ids,
+                    batch,
+                    &call,
+                    &layer_dropout,
+                    weight,
+                    &vars,
+                )?;
+                (out.loss_sum, out.grads)
+            } else {
+                let logits = self.model.forward(&ids, Some(&call))?;
+                let (mean, sum) = masked_cross_entropy(&logits, batch, &self.model.device)?;
+                let store = (mean * weight)?.backward()?;
+                let grads = vars.iter().map(|v| store.get(v.as_tensor()).cloned());
+                (sum, grads.collect())
+            };
             if !sum.is_finite() {
                 bail!(
                     "the loss became non-finite at step {} (rank {rank}); stopping. The last good \
@@ -265,14 +300,11 @@ impl<'m> Trainer<'m> {
             }
             loss_sum += sum;
             tokens += batch.rows * batch.cols;
-            // Weight each micro-batch by its share of the step's scored tokens.
-            let weight = batch.scored_tokens() as f64 / scored as f64;
-            let store = (mean * weight)?.backward()?;
-            for (g, v) in grads.iter_mut().zip(&vars) {
-                if let Some(new) = store.get(v.as_tensor()) {
+            for (g, new) in grads.iter_mut().zip(new_grads) {
+                if let Some(new) = new {
                     *g = Some(match g.take() {
                         Some(old) => (old + new)?,
-                        None => new.clone(),
+                        None => new,
                     });
                 }
             }

@@ -1,0 +1,99 @@
+//! Activation recomputation (gradient checkpointing) per decoder layer.
+//!
+//! The forward pass keeps only each layer's input, with no autograd graph behind it. The backward
+//! pass walks the layers in reverse: it runs one layer's forward again with autograd on, from its
+//! saved input made a variable, and backpropagates `sum(out * grad_out)`, whose gradient with
+//! respect to `out` is exactly `grad_out`. That yields the layer's adapter gradients and the
+//! gradient of its input, which is the next (earlier) layer's `grad_out`. At most one layer's
+//! graph is alive at a time, so activation memory grows with the number of layers only by one
+//! hidden state each (for LLaMA-7B at batch 4 × 1024 in bf16: 32 MiB per layer).
+
+use anyhow::{Context, Result};
+use candle_core::{Tensor, Var};
+
+use super::data::Batch;
+use super::eval::masked_cross_entropy;
+use crate::model::llama::Llama;
+use crate::model::lora::{AdapterCall, Dropout};
+
+/// The summed loss of one micro-batch, and the gradient of `weight * mean loss` for each of
+/// `vars` (`None` where a variable took no part).
+pub struct MicroBatchGrads {
+    /// Unnormalized loss over the scored tokens.
+    pub loss_sum: f64,
+    /// Aligned with the `vars` passed in.
+    pub grads: Vec<Option<Tensor>>,
+}
+
+/// Forward and backward of one micro-batch with per-layer recomputation. `call` carries the rank
+/// and gradient rule; its dropout is ignored in favour of `layer_dropout(layer)`, which must give
+/// the same masks each time it is called for a layer (a fresh generator from the same seed), so the
+/// recomputed forward equals the first one.
+pub fn loss_and_grads(
+    model: &Llama,
+    ids: &Tensor,
+    batch: &Batch,
+    call: &AdapterCall<'_>,
+    layer_dropout: &dyn Fn(usize) -> Option<Dropout>,
+    weight: f64,
+    vars: &[&Var],
+) -> Result<MicroBatchGrads> {
+    let positions = model.positions(ids.dim(1)?)?;
+
+    // Forward: keep each layer's input, drop its graph.
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut x = model.embed_tokens(ids)?.detach();
+    for layer in 0..model.layers.len() {
+        let dropout = layer_dropout(layer);
+        let out = model.layer(
+            layer,
+            &x,
+            &positions,
+            Some(&with_dropout(*call, dropout.as_ref())),
+        )?;
+        inputs.push(x);
+        x = out.detach();
+    }
+
+    // Head and loss, with the last hidden state as a variable to get its gradient.
+    let last = Var::from_tensor(&x)?;
+    let logits = model.logits(&model.final_hidden(last.as_tensor())?)?;
+    let (mean, loss_sum) = masked_cross_entropy(&logits, batch, &model.device)?;
+    let store = (mean * weight)?.backward()?;
+    let mut grad_out = store
+        .get(last.as_tensor())
+        .context("the loss does not depend on the last hidden state")?
+        .clone();
+    drop((store, logits));
+
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for (layer, input) in inputs.into_iter().enumerate().rev() {
+        let input = Var::from_tensor(&input)?;
+        let dropout = layer_dropout(layer);
+        let out = model.layer(
+            layer,
+            input.as_tensor(),
+            &positions,
+            Some(&with_dropout(*call, dropout.as_ref())),
+        )?;
+        let store = (out * &grad_out)?.sum_all()?.backward()?;
+        for (g, v) in grads.iter_mut().zip(vars) {
+            if let Some(new) = store.get(v.as_tensor()) {
+                *g = Some(match g.take() {
+                    Some(old) => (old + new)?,
+                    None => new.clone(),
+                });
+            }
+        }
+        grad_out = store
+            .get(input.as_tensor())
+            .with_context(|| format!("layer {layer}'s output does not depend on its input"))?
+            .clone();
+    }
+    Ok(MicroBatchGrads { loss_sum, grads })
+}
+
+/// `call` with its dropout replaced (the adapter outlives the layer's dropout).
+fn with_dropout<'a>(call: AdapterCall<'a>, dropout: Option<&'a Dropout>) -> AdapterCall<'a> {
+    AdapterCall { dropout, ..call }
+}
