@@ -393,3 +393,71 @@ fn gpu_command_without_the_cuda_feature_says_how_to_build_it() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+fn bench_json(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "train-bench",
+        "--json",
+        "--seq",
+        "32",
+        "--r-max",
+        "4",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let o = qdylora(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("one JSON object")
+}
+
+/// The training benchmark runs on the CPU (the GPU runs the same code with bf16 activations):
+/// it reports what it timed, and recomputing activations changes the cost, not the result.
+#[test]
+fn train_bench_reports_throughput_and_recomputation_keeps_the_loss() {
+    let with = bench_json(&[]);
+    let without = bench_json(&["--no-recompute"]);
+    assert_eq!(with["recompute"], true);
+    assert_eq!(without["recompute"], false);
+    assert_eq!(with["layers"], 2);
+    assert_eq!(with["ranks"].as_array().unwrap().len(), 2);
+    assert!(
+        with["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| (1..=4).contains(&r.as_u64().unwrap()))
+    );
+    assert!(with["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(with["peak_gib"].is_null(), "no peak memory on the CPU");
+    let (a, b) = (
+        with["loss"].as_f64().unwrap(),
+        without["loss"].as_f64().unwrap(),
+    );
+    assert!(a.is_finite() && a > 0.0);
+    assert!(
+        (a - b).abs() <= 1e-6 * a,
+        "loss {a} with recomputation, {b} without"
+    );
+
+    // The CPU-reference check runs the same steps again: on the CPU it must agree exactly.
+    let checked = bench_json(&["--check-against-cpu"]);
+    assert_eq!(checked["max_loss_rel_diff"], 0.0);
+    assert_eq!(checked["losses"], checked["cpu_losses"]);
+    assert_eq!(checked["losses"].as_array().unwrap().len(), 3);
+
+    let o = qdylora(&["train-bench", "--layers", "3"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--layers must be 1..=2"));
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn train_bench_on_cuda_without_the_feature_says_how_to_build_it() {
+    let o = qdylora(&["train-bench", "--device", "cuda"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bench/build-cuda.sh"), "{err}");
+}

@@ -297,6 +297,43 @@ fn cli_errors_name_the_problem() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("truncated"));
     assert!(out.join("adapter.qdyl").exists() && out.join("metrics.jsonl").exists());
 
+    // `--recompute` (gradient checkpointing) trains the same adapter, byte for byte (no dropout:
+    // with dropout the recomputed layers draw their masks from per-layer streams).
+    let bundles: Vec<Vec<u8>> = [&[][..], &["--recompute"][..]]
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| {
+            let out = dir.path().join(format!("recompute-{i}"));
+            let mut args = vec![
+                "train",
+                "--model",
+                m,
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--r-max",
+                "2",
+                "--max-seq-len",
+                "16",
+                "--dropout",
+                "0",
+            ];
+            args.extend_from_slice(extra);
+            let o = qdylora(&args);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            std::fs::read(out.join("adapter.qdyl")).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        bundles[0], bundles[1],
+        "--recompute changed the trained adapter"
+    );
+
     // Export: a budget below rank 1 is reported, not fatal; an unparsable one is an error.
     let exp = dir.path().join("exp");
     let o = qdylora(&[

@@ -5,12 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use qdylora_formats::atomic;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+use super::device::{DeviceArg, open};
 use crate::model::load::{self, BaseLinears, ModelSource};
 use crate::model::lora::{Adapter, AdapterCall, RankGrad};
+use crate::model::place::place;
 
 /// Arguments of `qdylora logits`.
 #[derive(Debug, clap::Args)]
@@ -34,6 +36,9 @@ pub struct Args {
     /// Output safetensors file with an f32 tensor `logits` [B, T, V] (written atomically).
     #[arg(long)]
     pub out: PathBuf,
+    /// Where to compute: the CPU in f32, or a GPU in bf16 (`cuda` builds).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 /// Reads `input_ids` ([B, T] int64) and checks every id against the vocabulary.
@@ -115,7 +120,7 @@ fn load_adapter(
 
 /// Runs the command.
 pub fn run(args: &Args) -> Result<()> {
-    let device = Device::Cpu;
+    let (device, dtype) = open(args.device)?;
     let source = ModelSource::open(&args.model)?;
     let vocab = source.config().vocab_size as usize;
     let (b, t, ids) = read_input_ids(&args.input_ids, vocab)?;
@@ -124,7 +129,8 @@ pub fn run(args: &Args) -> Result<()> {
         eprintln!("warning: {t} tokens exceed max_position_embeddings {max_pos}");
     }
     let adapter = load_adapter(args, &source, &device)?;
-    let model = load::build(&source, BaseLinears::Dense, &device)?;
+    let model = load::build(&source, BaseLinears::Dense, &Device::Cpu)?;
+    let model = place(model.llama, &device, dtype)?;
     let call = adapter.as_ref().map(|(a, r)| AdapterCall {
         adapter: a,
         rank: *r,
@@ -132,14 +138,14 @@ pub fn run(args: &Args) -> Result<()> {
         dropout: None,
     });
     let ids = Tensor::from_vec(ids, (b, t), &device)?;
-    let logits = model.llama.forward(&ids, call.as_ref())?;
+    let logits = model.forward(&ids, call.as_ref())?;
     write_logits(&args.out, &logits)
 }
 
 /// Writes `logits` as an f32 safetensors file, atomically.
 pub fn write_logits(path: &Path, logits: &Tensor) -> Result<()> {
     let shape = logits.dims().to_vec();
-    let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let values: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         bail!(
             "logit {i} is not finite; refusing to write {}",

@@ -1,5 +1,6 @@
 //! The `qdylora` command line: one module per subcommand.
 pub mod demo;
+pub mod device;
 pub mod export;
 pub mod generate;
 pub mod gpu;
@@ -8,6 +9,7 @@ pub mod progress;
 pub mod quantize;
 pub mod sweep;
 pub mod train;
+pub mod train_bench;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +44,9 @@ pub enum Command {
     /// NF4 dequantization on the GPU, checked bit for bit against the CPU and timed (needs the
     /// `cuda` feature and an NVIDIA GPU; not yet run on one).
     GpuDequant(gpu::DequantArgs),
+    /// Training throughput and peak memory on a random NF4 model (LLaMA-7B shape on a GPU with
+    /// the `cuda` feature; small shapes on the CPU).
+    TrainBench(train_bench::Args),
 }
 
 impl Cli {
@@ -57,6 +62,7 @@ impl Cli {
             Command::Demo(args) => demo::run(&args),
             Command::DemoBase(args) => demo::run_base(&args),
             Command::GpuDequant(args) => gpu::run_dequant(&args),
+            Command::TrainBench(args) => train_bench::run(&args),
         }
     }
 }

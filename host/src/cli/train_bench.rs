@@ -1,0 +1,342 @@
+//! `qdylora train-bench`: training throughput and peak memory of QDyLoRA steps on a model with
+//! random NF4 weights built on the target device (no download). `bench/gpu.sh train` runs it on
+//! a GPU next to the PEFT + bitsandbytes peer; on the CPU it runs small shapes.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use clap::ValueEnum;
+use qdylora_core::infer::{DecoderConfig, LinearKind};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::device::{DeviceArg, describe, open, peak_bytes};
+use crate::model::llama::Llama;
+use crate::model::place::{BF16_LOSS_TOLERANCE, place, random_nf4_llama};
+use crate::train::data::{Dataset, Example};
+use crate::train::optim::{AdamWConfig, Schedule, ScheduleKind};
+use crate::train::trainer::{AdapterDtype, RankMode, TrainConfig, Trainer};
+
+/// Model shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum BenchShape {
+    /// LLaMA-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000.
+    Llama7b,
+    /// A small LLaMA for the CPU: hidden 64, MLP 176, 2 layers, 4 heads, vocab 256.
+    Tiny,
+}
+
+impl BenchShape {
+    fn config(self) -> DecoderConfig {
+        let (vocab, hidden, inter, layers, heads) = match self {
+            BenchShape::Llama7b => (32_000, 4096, 11_008, 32, 32),
+            BenchShape::Tiny => (256, 64, 176, 2, 4),
+        };
+        DecoderConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: heads,
+            head_dim: hidden / heads,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: false,
+        }
+    }
+}
+
+/// Arguments of `qdylora train-bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Model shape (random weights).
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub shape: BenchShape,
+    /// Use only this many decoder layers of the shape (for quick runs).
+    #[arg(long)]
+    pub layers: Option<u32>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    pub seq: usize,
+    /// Largest rank; every step samples b in 1..=r_max (frozen mode) on all seven linears.
+    #[arg(long, default_value_t = 64)]
+    pub r_max: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// NF4 blocksize.
+    #[arg(long, default_value_t = 64)]
+    pub blocksize: usize,
+    /// Steps before timing starts.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 6)]
+    pub steps: usize,
+    /// Keep every layer's activations instead of recomputing them in the backward pass.
+    #[arg(long)]
+    pub no_recompute: bool,
+    /// Adapter weights' dtype (the optimizer math is f32 either way).
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub adapter_dtype: AdapterDtype,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Correctness check: make the weights on the host, and train the same steps on the CPU in
+    /// f32 too; fail when a step's loss differs by more than `BF16_LOSS_TOLERANCE`.
+    #[arg(long)]
+    pub check_against_cpu: bool,
+    /// Seed for weights, data and rank sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// What one benchmark run measured.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Where it ran.
+    pub device: String,
+    /// Shape preset.
+    pub shape: BenchShape,
+    /// Decoder layers used.
+    pub layers: u32,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Largest rank.
+    pub r_max: usize,
+    /// Activations' dtype.
+    pub dtype: String,
+    /// Per-layer activation recomputation.
+    pub recompute: bool,
+    /// Timed steps.
+    pub steps: usize,
+    /// Tokens per second over the timed steps (all positions, as the peer counts).
+    pub tokens_per_s: f64,
+    /// Mean seconds per timed step.
+    pub step_s: f64,
+    /// Ranks sampled in the timed steps.
+    pub ranks: Vec<usize>,
+    /// Loss of the last step.
+    pub loss: f64,
+    /// Every step's loss, warm-up included.
+    pub losses: Vec<f64>,
+    /// With `--check-against-cpu`: the CPU f32 run's losses, and the largest relative difference.
+    pub cpu_losses: Option<Vec<f64>>,
+    /// Largest `|loss - cpu_loss| / cpu_loss` over the steps.
+    pub max_loss_rel_diff: Option<f64>,
+    /// Bytes the frozen model keeps resident, in GiB.
+    pub weights_gib: f64,
+    /// Peak device memory over the whole run, in GiB (GPU only).
+    pub peak_gib: Option<f64>,
+    /// Seconds to build the random model.
+    pub build_s: f64,
+}
+
+/// Runs the command.
+pub fn run(args: &Args) -> Result<()> {
+    let report = bench(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} {:?} ({} layers), batch {} x seq {}, r_max {}, {} activations, recompute {}",
+            report.device,
+            report.shape,
+            report.layers,
+            report.batch,
+            report.seq,
+            report.r_max,
+            report.dtype,
+            report.recompute
+        );
+        println!(
+            "{:.0} tokens/s ({:.3} s/step over {} steps, ranks {:?}), loss {:.3}",
+            report.tokens_per_s, report.step_s, report.steps, report.ranks, report.loss
+        );
+        if let (Some(cpu), Some(diff)) = (&report.cpu_losses, report.max_loss_rel_diff) {
+            println!(
+                "losses   {:?}\ncpu f32  {cpu:?}\nlargest relative difference {diff:.5}",
+                report.losses
+            );
+        }
+        match report.peak_gib {
+            Some(p) => println!(
+                "peak GPU memory {p:.2} GiB (weights {:.2})",
+                report.weights_gib
+            ),
+            None => println!("weights {:.2} MiB", report.weights_gib * 1024.0),
+        }
+    }
+    if let Some(diff) = report.max_loss_rel_diff
+        && (diff.is_nan() || diff > BF16_LOSS_TOLERANCE)
+    {
+        bail!(
+            "the {} run's losses differ from the CPU f32 run's by up to {diff:.4} (relative; \
+             tolerance {BF16_LOSS_TOLERANCE})",
+            report.device
+        );
+    }
+    Ok(())
+}
+
+/// Builds the model, trains `warmup + steps` steps, times the last `steps`.
+pub fn bench(args: &Args) -> Result<BenchReport> {
+    if args.steps == 0 || args.batch == 0 || args.seq == 0 {
+        bail!("--steps, --batch and --seq must be at least 1");
+    }
+    let (device, dtype) = open(args.device)?;
+    let mut config = args.shape.config();
+    if let Some(layers) = args.layers {
+        if layers == 0 || layers > config.num_layers {
+            bail!(
+                "--layers must be 1..={} for {:?}",
+                config.num_layers,
+                args.shape
+            );
+        }
+        config.num_layers = layers;
+    }
+    let started = Instant::now();
+    let model = if args.check_against_cpu {
+        // Host-made weights, so the CPU reference trains exactly the same model.
+        let host = random_nf4_llama(config, &Device::Cpu, DType::F32, args.blocksize, args.seed)?;
+        place(host, &device, dtype)?
+    } else {
+        random_nf4_llama(config, &device, dtype, args.blocksize, args.seed)
+            .context("building the random model")?
+    };
+    device.synchronize()?;
+    let build_s = started.elapsed().as_secs_f64();
+
+    let data = random_tokens(&config, args)?;
+    let train_config = train_config(args);
+    let mut trainer = Trainer::new(&model, train_config.clone(), [0; 16])?;
+    trainer.recompute = !args.no_recompute;
+    let mut losses = Vec::with_capacity(args.warmup + args.steps);
+    for _ in 0..args.warmup {
+        losses.push(trainer.train_step(&data)?.loss);
+    }
+    device.synchronize()?;
+    let timed = Instant::now();
+    let mut ranks = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let report = trainer.train_step(&data)?;
+        ranks.push(report.rank);
+        losses.push(report.loss);
+    }
+    device.synchronize()?;
+    let seconds = timed.elapsed().as_secs_f64();
+    let peak = peak_bytes(&device)?;
+
+    let cpu_losses = if args.check_against_cpu {
+        let host = random_nf4_llama(config, &Device::Cpu, DType::F32, args.blocksize, args.seed)?;
+        Some(cpu_reference_losses(
+            &host,
+            train_config,
+            &data,
+            losses.len(),
+        )?)
+    } else {
+        None
+    };
+    let max_loss_rel_diff = cpu_losses.as_ref().map(|cpu| {
+        cpu.iter()
+            .zip(&losses)
+            .map(|(c, l)| (l - c).abs() / c.abs())
+            .fold(
+                0.0,
+                |a: f64, d| if d.is_nan() { f64::NAN } else { a.max(d) },
+            )
+    });
+    let tokens = (args.batch * args.seq * args.steps) as f64;
+    Ok(BenchReport {
+        device: describe(&device),
+        shape: args.shape,
+        layers: config.num_layers,
+        batch: args.batch,
+        seq: args.seq,
+        r_max: args.r_max,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        recompute: trainer.recompute,
+        steps: args.steps,
+        tokens_per_s: tokens / seconds,
+        step_s: seconds / args.steps as f64,
+        ranks,
+        loss: losses.last().copied().unwrap_or(f64::NAN),
+        losses,
+        cpu_losses,
+        max_loss_rel_diff,
+        weights_gib: model.resident_bytes() as f64 / GIB,
+        peak_gib: peak.map(|b| b as f64 / GIB),
+        build_s,
+    })
+}
+
+fn cpu_reference_losses(
+    model: &Llama,
+    config: TrainConfig,
+    data: &Dataset,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let mut trainer = Trainer::new(model, config, [0; 16])?;
+    (0..steps)
+        .map(|_| Ok(trainer.train_step(data)?.loss))
+        .collect()
+}
+
+/// QDyLoRA frozen mode on all seven linears, the peer's optimizer settings (lr 2e-4 constant,
+/// clipping at 0.3), no dropout.
+fn train_config(args: &Args) -> TrainConfig {
+    TrainConfig {
+        r_max: args.r_max,
+        alpha: args.alpha,
+        dropout: 0.0,
+        targets: LinearKind::ALL.to_vec(),
+        mode: RankMode::Frozen,
+        steps: (args.warmup + args.steps) as u64,
+        batch_size: args.batch,
+        grad_accum: 1,
+        schedule: Schedule {
+            lr: 2e-4,
+            warmup_steps: 0,
+            kind: ScheduleKind::Constant,
+            total_steps: (args.warmup + args.steps) as u64,
+        },
+        adamw: AdamWConfig::default(),
+        max_grad_norm: 0.3,
+        seed: args.seed,
+        adapter_dtype: args.adapter_dtype,
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `batch` random sequences of `seq + 1` tokens (inputs and shifted targets of length `seq`),
+/// every position scored, as the peer's `labels=input_ids`.
+fn random_tokens(config: &DecoderConfig, args: &Args) -> Result<Dataset> {
+    let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
+    let train = (0..args.batch)
+        .map(|_| Example {
+            ids: (0..=args.seq)
+                .map(|_| rng.random_range(0..config.vocab_size))
+                .collect(),
+            prompt_len: 0,
+            answer: Vec::new(),
+        })
+        .collect();
+    Ok(Dataset {
+        train,
+        eval: Vec::new(),
+    })
+}
