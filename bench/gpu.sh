@@ -1,55 +1,61 @@
 #!/usr/bin/env bash
-# GPU benchmarks for issue 7, run on the GPU machine (no Rust there) with a binary built
-# elsewhere; see bench/README.md. Ours and the peer run in one invocation, because the
-# machine's speed drifts between runs: only the ratio from one run is comparable.
+# GPU benchmarks and checks for issue 7, run on the GPU machine (no Rust there) with a binary
+# built elsewhere by bench/build-cuda.sh; see bench/README.md. Ours and the peer run in one
+# invocation, because the machine's speed drifts between runs: only the ratio from one run is
+# comparable.
 #
 #   bench/gpu.sh dequant QDYLORA_BIN   NF4 + double-quant dequantization, bf16 out: qdylora's
 #                                      NVRTC kernel (checked bit-exact against the CPU first)
 #                                      next to bitsandbytes' dequantize_4bit, same shape
-#   bench/gpu.sh train                 training throughput: not built yet (issue 7)
+#   bench/gpu.sh train QDYLORA_BIN     training throughput and peak memory on a LLaMA-7B-shaped
+#                                      random model, QDyLoRA r_max 64 on all seven linears,
+#                                      next to PEFT + bitsandbytes QLoRA r 64 (bench/peer_qlora.py)
+#   bench/gpu.sh check QDYLORA_BIN     correctness on the GPU: logits of the golden tiny model
+#                                      (+ PEFT adapter) against transformers' within bf16
+#                                      tolerance, and a short training run against the CPU's
 #
 # Environment:
 #   BNB_WHEEL_DIR  folder holding the bitsandbytes 0.50.2 wheel (needed when `import
 #                  bitsandbytes` fails; bench/README.md says how to fetch it)
 #   PYTHON         python with torch + CUDA (default python3)
-#   ROWS COLS BLOCKSIZE ITERS WARMUP   shape and timing (default 11008 4096 64 100 10)
+#   ROWS COLS BLOCKSIZE ITERS WARMUP   dequant: shape and timing (default 11008 4096 64 100 10)
+#   BATCH SEQ LAYERS STEPS WARMUP_STEPS R_MAX   train: (default 4 1024 32 6 2 64)
+#   PEER_ONLY=1 / OURS_ONLY=1           train: run one side only
 #
 # Not yet run on a GPU machine: written in a session without one.
 set -euo pipefail
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
+here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:-}
+bin=${2:-}
 case "$mode" in
-train)
-    echo "bench/gpu.sh train: training-throughput mode is not built yet, see issue 7" >&2
-    exit 2
-    ;;
-dequant) ;;
+dequant | train | check) ;;
 *) usage ;;
 esac
-
-bin=${2:-}
 [[ -n "$bin" && -x "$bin" ]] || {
-    echo "bench/gpu.sh dequant: give the path of a qdylora binary built with --features cuda" >&2
+    echo "bench/gpu.sh $mode: give the path of a qdylora binary built by bench/build-cuda.sh" >&2
     exit 2
 }
 
 PYTHON=${PYTHON:-python3}
-ROWS=${ROWS:-11008} COLS=${COLS:-4096} BLOCKSIZE=${BLOCKSIZE:-64}
-ITERS=${ITERS:-100} WARMUP=${WARMUP:-10}
-# libnvrtc.so.13 and libcuda.so.1 are opened at run time.
+# The binary links the driver (libcuda.so.1) and CUDA 13's cuBLAS, cuRAND and NVRTC.
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1' &&
+    ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/local/cuda/lib64/libcuda.so.1 >/dev/null 2>&1; then
+    echo "bench/gpu.sh: no NVIDIA driver here (libcuda.so.1 not found); this needs a GPU machine" >&2
+    exit 2
+fi
 
-# 1. Ours. It exits non-zero (and this script stops) if the GPU output is not bit-exact.
-ours_json=$("$bin" gpu-dequant --json --rows "$ROWS" --cols "$COLS" --blocksize "$BLOCKSIZE" \
-    --iters "$ITERS" --warmup "$WARMUP")
-
-# 2. The peer, installed from a wheel when missing (the GPU machine has no network).
-if ! "$PYTHON" -c 'import bitsandbytes' 2>/dev/null; then
+# bitsandbytes from a wheel when missing (the GPU machine has no network).
+need_bitsandbytes() {
+    if "$PYTHON" -c 'import bitsandbytes' 2>/dev/null; then
+        return
+    fi
     [[ -n "${BNB_WHEEL_DIR:-}" ]] || {
         echo "bitsandbytes is not installed: set BNB_WHEEL_DIR to the folder of its wheel" >&2
         exit 2
@@ -58,7 +64,83 @@ if ! "$PYTHON" -c 'import bitsandbytes' 2>/dev/null; then
     "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$site" \
         "$BNB_WHEEL_DIR"/bitsandbytes-*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+if [[ "$mode" == train ]]; then
+    BATCH=${BATCH:-4} SEQ=${SEQ:-1024} LAYERS=${LAYERS:-32} STEPS=${STEPS:-6}
+    WARMUP_STEPS=${WARMUP_STEPS:-2} R_MAX=${R_MAX:-64}
+    ours_json=null peer_json=null
+    if [[ -z "${PEER_ONLY:-}" ]]; then
+        ours_json=$("$bin" train-bench --device cuda --shape llama7b --layers "$LAYERS" \
+            --batch "$BATCH" --seq "$SEQ" --r-max "$R_MAX" --alpha 16 --warmup "$WARMUP_STEPS" \
+            --steps "$STEPS" --json)
+        echo "qdylora: $ours_json"
+    fi
+    if [[ -z "${OURS_ONLY:-}" ]]; then
+        need_bitsandbytes
+        # The peer prints `RESULT {json}` last; it also runs a bf16-base LoRA and its dequant.
+        peer_json=$("$PYTHON" "$here/peer_qlora.py" | tee /dev/stderr | sed -n 's/^RESULT //p')
+    fi
+    OURS_JSON=$ours_json PEER_JSON=$peer_json "$PYTHON" - <<'PY'
+import json, os
+ours = json.loads(os.environ["OURS_JSON"])
+peer = json.loads(os.environ["PEER_JSON"] or "null")
+rows = []
+if ours:
+    rows.append(("qdylora QDyLoRA r_max 64 (frozen, sampled b)", ours["tokens_per_s"], ours["peak_gib"]))
+if peer:
+    q = peer["qlora_7b_b4_s1024"]
+    rows.append((f"PEFT + bnb QLoRA r 64 (bnb {peer['bnb']}, torch {peer['torch']})",
+                 q["tokens_per_s"], q["peak_GiB"]))
+print("| run | tokens/s | peak GPU memory (GiB) |\n|---|---|---|")
+for name, tps, peak in rows:
+    print(f"| {name} | {tps:,.0f} | {peak:.2f} |")
+if ours and peer:
+    q = peer["qlora_7b_b4_s1024"]
+    print(f"throughput ratio qdylora / peer: {ours['tokens_per_s'] / q['tokens_per_s']:.2f}x "
+          f"(target >= 2.0x); memory ratio: {ours['peak_gib'] / q['peak_GiB']:.2f}x (target <= 1.0x)")
+PY
+    exit 0
 fi
+
+if [[ "$mode" == check ]]; then
+    golden="$here/../tests/data/golden"
+    work=$(mktemp -d /tmp/qdylora-check.XXXXXX)
+    "$bin" logits --device cuda --model "$golden/base" --adapter "$golden/adapter_r8" \
+        --input-ids "$golden/input_ids.safetensors" --out "$work/adapter.safetensors"
+    "$bin" logits --device cuda --model "$golden/base" \
+        --input-ids "$golden/input_ids.safetensors" --out "$work/base.safetensors"
+    WORK=$work GOLDEN=$golden "$PYTHON" - <<'PY'
+import os, sys
+import torch
+from safetensors.torch import load_file
+ref = load_file(os.path.join(os.environ["GOLDEN"], "ref_logits.safetensors"))
+worst = 0.0
+for ours_file, ref_name in (("base", "base_f32"), ("adapter", "base_f32_plus_adapter")):
+    ours = load_file(os.path.join(os.environ["WORK"], ours_file + ".safetensors"))["logits"]
+    theirs = ref[ref_name].to(ours.dtype)
+    err = ((ours - theirs).norm() / theirs.norm()).item()
+    worst = max(worst, err)
+    print(f"logits on the GPU (bf16) vs transformers f32 {ref_name}: ||d||/||ref|| = {err:.2e}")
+print("within the bf16 tolerance 1e-2" if worst < 1e-2 else "OUTSIDE the bf16 tolerance 1e-2")
+sys.exit(0 if worst < 1e-2 else 1)
+PY
+    # The same short training run on the GPU (bf16) and the CPU (f32): the command fails when
+    # a step's loss is more than its documented tolerance away.
+    "$bin" train-bench --device cuda --shape tiny --batch 4 --seq 128 --r-max 16 --warmup 0 \
+        --steps 12 --check-against-cpu
+    exit 0
+fi
+
+ROWS=${ROWS:-11008} COLS=${COLS:-4096} BLOCKSIZE=${BLOCKSIZE:-64}
+ITERS=${ITERS:-100} WARMUP=${WARMUP:-10}
+
+# 1. Ours. It exits non-zero (and this script stops) if the GPU output is not bit-exact.
+ours_json=$("$bin" gpu-dequant --json --rows "$ROWS" --cols "$COLS" --blocksize "$BLOCKSIZE" \
+    --iters "$ITERS" --warmup "$WARMUP")
+
+# 2. The peer.
+need_bitsandbytes
 
 OURS_JSON=$ours_json "$PYTHON" - <<'PY'
 import json, os, statistics
@@ -72,19 +154,17 @@ iters, warmup = ours["iters"], ours["warmup"]
 
 
 def median_us(fn):
-    """Median of `iters` calls, each between two CUDA events, after `warmup` calls (as ours)."""
+    """Median of `iters` calls queued back to back with a CUDA event between each pair, read
+    after one synchronization, after `warmup` calls (as ours: no host latency in the times)."""
     for _ in range(warmup):
         fn()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    events[0].record()
+    for event in events[1:]:
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+        event.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in zip(events, events[1:]))
 
 
 torch.manual_seed(0)

@@ -1,7 +1,7 @@
 //! `--device cpu|cuda` for the commands that can run on a GPU: CPU work computes in f32, GPU
 //! work in bf16 (this project's NF4 kernels plus candle's CUDA backend; `cuda` feature only).
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::ValueEnum;
 use serde::Serialize;
@@ -22,7 +22,7 @@ pub fn open(arg: DeviceArg) -> Result<(Device, DType)> {
         #[cfg(feature = "cuda")]
         DeviceArg::Cuda => Ok((crate::gpu::open_candle_device()?, DType::BF16)),
         #[cfg(not(feature = "cuda"))]
-        DeviceArg::Cuda => bail!(
+        DeviceArg::Cuda => anyhow::bail!(
             "qdylora was built without the cuda feature: build the GPU binary with \
              bench/build-cuda.sh (cargo build --release -p qdylora --features cuda)"
         ),

@@ -1,5 +1,6 @@
 //! `qdylora gpu-dequant`: NF4 + double-quant dequantization on the GPU, checked bit for bit
-//! against the core's CPU dequantization, then timed with CUDA events.
+//! against the core's CPU dequantization, the NF4 linear (forward and input gradient, f32 and
+//! bf16) checked against a CPU product, then the dequantization timed with CUDA events.
 //!
 //! **Not yet run on a GPU** (written in a session without one). Without the `cuda` feature the
 //! command exists but only says so.
@@ -27,6 +28,9 @@ pub struct DequantArgs {
     /// Seed of the random weight.
     #[arg(long, default_value_t = 11)]
     pub seed: u64,
+    /// Rows of the random input for the NF4 linear check (0 skips that check).
+    #[arg(long, default_value_t = 8)]
+    pub check_rows: usize,
     /// Print one JSON object (for bench/gpu.sh) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -43,8 +47,8 @@ pub struct DequantArgs {
 #[cfg(not(feature = "cuda"))]
 pub fn run_dequant(_args: &DequantArgs) -> anyhow::Result<()> {
     anyhow::bail!(
-        "qdylora was built without the cuda feature: rebuild with \
-         `cargo build --release -p qdylora --features cuda`"
+        "qdylora was built without the cuda feature (build the GPU binary with \
+         bench/build-cuda.sh)"
     )
 }
 
@@ -56,9 +60,11 @@ pub fn run_dequant(args: &DequantArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 mod with_cuda {
+    use std::sync::Arc;
     use std::time::Instant;
 
     use anyhow::{Context, Result, bail, ensure};
+    use candle_core::{DType, Device, Tensor, Var};
     use cudarc::driver::CudaSlice;
     use cudarc::driver::sys::CUevent_flags;
     use half::bf16;
@@ -66,14 +72,23 @@ mod with_cuda {
     use qdylora_formats::{Nf4Weight, atomic};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::DequantArgs;
-    use crate::gpu::{DequantTraffic, DeviceNf4Weight, Gpu, Nf4DequantKernels, dequant};
+    use crate::gpu::kernels::NF4_DEQUANT;
+    use crate::gpu::{
+        CudaNf4Weight, DequantElement, DequantTraffic, Gpu, dequantize_into, linear_forward, memory,
+    };
+
+    /// ‖GPU − CPU‖ / ‖CPU‖ allowed for the f32 linear: both accumulate in f32, in different
+    /// orders (about 1e-6 expected; a wrong code or scale gives errors near 1).
+    const F32_LINEAR_TOLERANCE: f64 = 1e-4;
+    /// The same for bf16, issue 7's bf16 tolerance (outputs are rounded to bf16).
+    const BF16_LINEAR_TOLERANCE: f64 = 1e-2;
 
     pub(super) fn run(args: &DequantArgs) -> Result<()> {
         if let Some(path) = &args.ptx {
-            let ptx = dequant::compile_ptx(&args.arch)?;
+            let ptx = NF4_DEQUANT.compile_ptx(&args.arch)?;
             atomic::write_file(path, ptx.to_src().as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("wrote the PTX for {} to {}", args.arch, path.display());
@@ -82,12 +97,13 @@ mod with_cuda {
         ensure!(args.iters > 0, "--iters must be at least 1");
         // Open the GPU before spending seconds on the CPU side.
         let gpu = Gpu::open()?;
+        let dev = &gpu.cuda;
         let compile_start = Instant::now();
-        let kernels = Nf4DequantKernels::compile(&gpu)?;
+        NF4_DEQUANT.function(dev, f32::KERNEL)?;
         let compile_ms = compile_start.elapsed().as_secs_f64() * 1e3;
 
         let weight = random_weight(args)?;
-        let n = args.rows * args.cols;
+        let n = weight.rows * weight.cols;
         let cpu_f32 = weight
             .dequantize_f32()
             .context("CPU reference dequantization")?;
@@ -100,23 +116,18 @@ mod with_cuda {
         )
         .context("CPU reference dequantization to bf16")?;
 
-        let dev_weight = DeviceNf4Weight::upload(&gpu, &weight)?;
-        let mut out_f32: CudaSlice<f32> =
-            gpu.stream.alloc_zeros(n).context("allocating f32 output")?;
-        let mut out_bf16: CudaSlice<u16> = gpu
-            .stream
-            .alloc_zeros(n)
-            .context("allocating bf16 output")?;
+        memory::reset_peak(dev)?;
+        let dev_weight = Arc::new(CudaNf4Weight::upload(dev, &weight)?);
+        let stream = dev.cuda_stream();
+        let mut out_f32: CudaSlice<f32> = stream.alloc_zeros(n).context("allocating f32 output")?;
+        let mut out_bf16: CudaSlice<bf16> =
+            stream.alloc_zeros(n).context("allocating bf16 output")?;
 
         // Correctness first: a timing of a wrong kernel means nothing.
-        kernels.dequantize_f32(&gpu, &dev_weight, &mut out_f32)?;
-        kernels.dequantize_bf16(&gpu, &dev_weight, &mut out_bf16)?;
-        let gpu_f32 = gpu
-            .stream
-            .clone_dtoh(&out_f32)
-            .context("reading f32 output")?;
-        let gpu_bf16 = gpu
-            .stream
+        dequantize_into(dev, &dev_weight, &mut out_f32)?;
+        dequantize_into(dev, &dev_weight, &mut out_bf16)?;
+        let gpu_f32 = stream.clone_dtoh(&out_f32).context("reading f32 output")?;
+        let gpu_bf16 = stream
             .clone_dtoh(&out_bf16)
             .context("reading bf16 output")?;
         let f32_bad = mismatches(
@@ -124,19 +135,26 @@ mod with_cuda {
             cpu_f32.iter().map(|v| v.to_bits()),
         );
         let bf16_bad = mismatches(
-            gpu_bf16.iter().copied(),
+            gpu_bf16.iter().map(|v| v.to_bits()),
             cpu_bf16.iter().map(|v| v.to_bits()),
         );
         if let Some(report) = f32_bad.or(bf16_bad) {
             bail!("GPU dequantization differs from the CPU: {report}");
         }
+        let linear = if args.check_rows > 0 {
+            check_linear(&gpu, &dev_weight, &cpu_f32, &cpu_bf16, args)?
+        } else {
+            Value::Null
+        };
+        let random = check_random_weight(&gpu, args)?;
 
         let f32_ms = time_median_ms(&gpu, args, || {
-            kernels.dequantize_f32(&gpu, &dev_weight, &mut out_f32)
+            Ok(dequantize_into(dev, &dev_weight, &mut out_f32)?)
         })?;
         let bf16_ms = time_median_ms(&gpu, args, || {
-            kernels.dequantize_bf16(&gpu, &dev_weight, &mut out_bf16)
+            Ok(dequantize_into(dev, &dev_weight, &mut out_bf16)?)
         })?;
+        let peak = memory::peak_bytes(dev)?;
         let f32_traffic = DequantTraffic::new(n, args.blocksize, 4);
         let bf16_traffic = DequantTraffic::new(n, args.blocksize, 2);
         let f32_gbps = f32_traffic.gb_per_s(f32_ms / 1e3);
@@ -151,14 +169,21 @@ mod with_cuda {
                 "nvrtc_compile_ms": compile_ms,
                 "f32": {"median_us": f32_ms * 1e3, "bytes": f32_traffic.total(), "gb_per_s": f32_gbps},
                 "bf16": {"median_us": bf16_ms * 1e3, "bytes": bf16_traffic.total(), "gb_per_s": bf16_gbps},
+                "linear_check": linear,
+                "random_weight_check": random,
+                "memory": {"counter": format!("{:?}", memory::counter(dev)), "peak_bytes": peak},
             });
             println!("{result}");
         } else {
             println!(
-                "{} | {}x{} NF4 + double quant, blocksize {} | NVRTC compile {compile_ms:.0} ms",
+                "{} | {}x{} NF4 + double quant, blocksize {} | NVRTC compile + load {compile_ms:.0} ms",
                 gpu.name, args.rows, args.cols, args.blocksize
             );
             println!("bit-exact with the CPU (f32 and bf16): yes");
+            if !linear.is_null() {
+                println!("NF4 linear vs CPU (relative error): {linear}");
+            }
+            println!("random GPU weight: {random}");
             println!(
                 "f32 out : {:8.1} us median of {}, {f32_gbps:7.0} GB/s effective",
                 f32_ms * 1e3,
@@ -168,6 +193,11 @@ mod with_cuda {
                 "bf16 out: {:8.1} us median of {}, {bf16_gbps:7.0} GB/s effective",
                 bf16_ms * 1e3,
                 args.iters
+            );
+            println!(
+                "peak GPU memory: {:.3} GiB ({})",
+                memory::gib(peak),
+                memory::counter(dev).describe()
             );
         }
         Ok(())
@@ -191,6 +221,108 @@ mod with_cuda {
             .context("quantizing the random weight")
     }
 
+    /// The NF4 linear on the GPU against candle's CPU matmul over the core's dequantized weight,
+    /// forward (`x Wᵀ`) and input gradient (`g W`, through autograd), in f32 and bf16. Fails
+    /// beyond the tolerances; returns the relative errors.
+    fn check_linear(
+        gpu: &Gpu,
+        w: &Arc<CudaNf4Weight>,
+        cpu_f32: &[f32],
+        cpu_bf16: &[bf16],
+        args: &DequantArgs,
+    ) -> Result<Value> {
+        let (rows, cols, m) = (args.rows, args.cols, args.check_rows);
+        let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
+        let mut random =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let x = random(m * cols);
+        let g = random(m * rows);
+        let cpu_w_bf16: Vec<f32> = cpu_bf16.iter().map(|v| v.to_f32()).collect();
+        let mut report = serde_json::Map::new();
+        for (dtype, cpu_w, tolerance) in [
+            (DType::F32, cpu_f32, F32_LINEAR_TOLERANCE),
+            (DType::BF16, &cpu_w_bf16[..], BF16_LINEAR_TOLERANCE),
+        ] {
+            let x_gpu = Tensor::from_slice(&x, (m, cols), &gpu.device)?.to_dtype(dtype)?;
+            let g_gpu = Tensor::from_slice(&g, (m, rows), &gpu.device)?.to_dtype(dtype)?;
+            let x_var = Var::from_tensor(&x_gpu)?;
+            let y = linear_forward(x_var.as_tensor(), w)?;
+            ensure!(
+                y.dims() == [m, rows] && y.dtype() == dtype,
+                "NF4 linear output {y:?}"
+            );
+            let grads = (&y * &g_gpu)?.sum_all()?.backward()?;
+            let grad_x = grads
+                .get(x_var.as_tensor())
+                .context("no gradient for the NF4 linear's input")?;
+
+            // The reference sees the same rounded inputs and weight, in f32 on the CPU.
+            let x_ref = on_cpu_f32(&x_gpu)?;
+            let g_ref = on_cpu_f32(&g_gpu)?;
+            let w_ref = Tensor::from_slice(cpu_w, (rows, cols), &Device::Cpu)?;
+            let y_ref = x_ref.matmul(&w_ref.t()?)?;
+            let grad_ref = g_ref.matmul(&w_ref)?;
+            let forward = relative_error(&on_cpu_f32(&y)?, &y_ref)?;
+            let input_grad = relative_error(&on_cpu_f32(grad_x)?, &grad_ref)?;
+            if !(forward < tolerance && input_grad < tolerance) {
+                bail!(
+                    "GPU NF4 linear ({dtype:?}) differs from the CPU: relative error forward \
+                     {forward:.3e}, input gradient {input_grad:.3e} (tolerance {tolerance:.0e})"
+                );
+            }
+            report.insert(
+                format!("{dtype:?}").to_lowercase(),
+                json!({"forward": forward, "input_grad": input_grad, "tolerance": tolerance}),
+            );
+        }
+        report.insert("rows".into(), json!(m));
+        Ok(Value::Object(report))
+    }
+
+    fn on_cpu_f32(t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+    }
+
+    /// ‖a − b‖ / ‖b‖ over all values (f64 sums).
+    fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let a = a.flatten_all()?.to_vec1::<f32>()?;
+        let b = b.flatten_all()?.to_vec1::<f32>()?;
+        ensure!(a.len() == b.len(), "{} values vs {}", a.len(), b.len());
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for (x, y) in a.iter().zip(&b) {
+            diff += (f64::from(*x) - f64::from(*y)).powi(2);
+            norm += f64::from(*y).powi(2);
+        }
+        // A NaN anywhere makes the ratio NaN, which fails every tolerance test.
+        Ok(if norm > 0.0 {
+            (diff / norm).sqrt()
+        } else {
+            diff.sqrt()
+        })
+    }
+
+    /// The speed-only random weight (`CudaNf4Weight::random`, what the training benchmark
+    /// builds) dequantizes to finite values within its documented range, and not to a constant.
+    fn check_random_weight(gpu: &Gpu, args: &DequantArgs) -> Result<Value> {
+        let dev = &gpu.cuda;
+        let w = CudaNf4Weight::random(dev, args.rows, args.cols, args.blocksize, args.seed)?;
+        let values = dev
+            .cuda_stream()
+            .clone_dtoh(&crate::gpu::dequantize::<f32>(dev, &w)?)
+            .context("reading the random weight")?;
+        let max_abs = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let finite = values.iter().all(|v| v.is_finite());
+        let distinct = values.iter().any(|v| *v != values[0]);
+        // NF4 codes reach ±1 and the absmax stays within 0.05 (see `weight.rs`).
+        if !(finite && distinct && max_abs <= 0.05 + 1e-6) {
+            bail!(
+                "the random GPU weight is not as documented: finite {finite}, not constant \
+                 {distinct}, max |value| {max_abs}"
+            );
+        }
+        Ok(json!({"finite": finite, "max_abs": max_abs}))
+    }
+
     /// The number of differing values and the first one, or `None` when all agree.
     fn mismatches<T: PartialEq + std::fmt::LowerHex>(
         gpu: impl ExactSizeIterator<Item = T>,
@@ -211,8 +343,8 @@ mod with_cuda {
         first.map(|f| format!("{count} of {gpu_len} values differ, first at {f}"))
     }
 
-    /// Median milliseconds of `args.iters` launches, each between two CUDA events, after
-    /// `args.warmup` untimed ones.
+    /// Median milliseconds of `args.iters` launches queued back to back on candle's stream with
+    /// a CUDA event between each pair, after `args.warmup` untimed ones.
     fn time_median_ms(
         gpu: &Gpu,
         args: &DequantArgs,
@@ -221,15 +353,24 @@ mod with_cuda {
         for _ in 0..args.warmup {
             launch()?;
         }
-        let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let mut times = Vec::with_capacity(args.iters);
-        for _ in 0..args.iters {
-            start.record(&gpu.stream)?;
+        let stream = gpu.cuda.cuda_stream();
+        let ctx = stream.context();
+        // All launches are queued back to back with an event between each pair and read after
+        // one synchronization: the GPU never waits for the host, so each interval is one
+        // kernel, not the kernel plus the host's launch latency.
+        let events = (0..=args.iters)
+            .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+            .collect::<Result<Vec<_>, _>>()?;
+        events[0].record(&stream)?;
+        for event in &events[1..] {
             launch()?;
-            end.record(&gpu.stream)?;
-            times.push(f64::from(start.elapsed_ms(&end)?));
+            event.record(&stream)?;
         }
+        stream.synchronize()?;
+        let mut times = events
+            .windows(2)
+            .map(|pair| Ok(f64::from(pair[0].elapsed_ms(&pair[1])?)))
+            .collect::<Result<Vec<f64>>>()?;
         times.sort_by(f64::total_cmp);
         Ok(times[times.len() / 2])
     }

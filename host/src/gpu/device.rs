@@ -1,64 +1,74 @@
-//! Opening the GPU. cudarc's dynamic loading panics on the first driver call when `libcuda`
-//! cannot be opened, so the library is probed with cudarc's own non-panicking check first.
+//! Opening the GPU as candle's CUDA device, which this module's kernels share (one context,
+//! one stream).
+//!
+//! The `cuda` binary links `libcuda.so.1`, so it only starts where the NVIDIA driver library
+//! is installed; a machine with the driver but no usable GPU gets one error line from
+//! [`Gpu::open`] (the driver's own reason), never a panic.
 //!
 //! Not yet run on a GPU (see the module notes in `gpu`).
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result, bail};
-use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaContext, CudaStream};
+use candle_core::{CudaDevice, Device};
+use cudarc::driver::{CudaContext, DriverError};
 
-/// Device 0 with its context, the stream every kernel runs on, and what it is.
+use super::memory;
+
+/// Device 0 as candle's CUDA device, and what it is.
 pub struct Gpu {
-    /// The primary context of device 0.
-    pub ctx: Arc<CudaContext>,
-    /// The context's default stream (one stream: no cross-stream event tracking).
-    pub stream: Arc<CudaStream>,
+    /// candle's handle (`Device::Cuda`), for creating tensors.
+    pub device: Device,
+    /// The same device, for this module's kernels and weights.
+    pub cuda: CudaDevice,
     /// The device name the driver reports.
     pub name: String,
     /// (major, minor), e.g. (9, 0) for an H100.
     pub compute_capability: (i32, i32),
-    /// Streaming multiprocessors, for sizing grid-stride launches.
-    pub multiprocessors: u32,
 }
 
 impl Gpu {
-    /// Opens device 0, or says in one line why there is no usable GPU.
+    /// Opens device 0, or says in one line why there is no usable GPU. Also lets the memory
+    /// pool keep freed memory ([`memory::keep_freed_memory`]).
     pub fn open() -> Result<Self> {
-        // SAFETY: only tries to dlopen the candidate library names; no CUDA call is made.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            bail!(
-                "no CUDA driver/GPU: the NVIDIA driver library (libcuda.so.1) could not be loaded"
-            );
-        }
+        // cuInit fails with the driver's reason (e.g. CUDA_ERROR_NO_DEVICE) when there is
+        // nothing to open; asking for the count first keeps that message short.
         let count = CudaContext::device_count()
-            .map_err(|e| anyhow::anyhow!("no CUDA driver/GPU: the driver did not start: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("no usable CUDA GPU: {}", describe(&e)))?;
         if count < 1 {
-            bail!("no CUDA driver/GPU: the driver reports no CUDA device");
+            bail!("no usable CUDA GPU: the driver reports no CUDA device");
         }
-        let ctx = CudaContext::new(0)
-            .map_err(|e| anyhow::anyhow!("no CUDA driver/GPU: opening device 0 failed: {e}"))?;
+        let device = Device::new_cuda(0)
+            .map_err(|e| anyhow::anyhow!("no usable CUDA GPU: opening device 0 failed: {e}"))?;
+        let cuda = match &device {
+            Device::Cuda(cuda) => cuda.clone(),
+            _ => bail!("candle returned a non-CUDA device for new_cuda(0)"),
+        };
+        // Keep freed memory in the pool between steps, as PyTorch's caching allocator does,
+        // instead of unmapping it at every synchronization (the pool's default).
+        memory::keep_freed_memory(&cuda)?;
+        let ctx = cuda.cuda_stream().context().clone();
         let name = ctx.name().context("reading the device name")?;
         let compute_capability = ctx
             .compute_capability()
             .context("reading the compute capability")?;
-        let multiprocessors = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .context("reading the multiprocessor count")?;
-        let stream = ctx.default_stream();
         Ok(Self {
-            ctx,
-            stream,
+            device,
+            cuda,
             name,
             compute_capability,
-            multiprocessors: u32::try_from(multiprocessors.max(1)).unwrap_or(1),
         })
     }
+}
 
-    /// NVRTC's `--gpu-architecture` for this device, e.g. `compute_90`.
-    pub fn nvrtc_arch(&self) -> String {
-        let (major, minor) = self.compute_capability;
-        format!("compute_{major}{minor}")
+/// The driver's name and text for an error, e.g. `CUDA_ERROR_NO_DEVICE (no CUDA-capable
+/// device is detected)`.
+fn describe(e: &DriverError) -> String {
+    match e.error_string() {
+        Ok(text) => format!("{:?} ({})", e.0, text.to_string_lossy()),
+        Err(_) => format!("{:?}", e.0),
     }
+}
+
+/// Opens device 0 (as [`Gpu::open`]) and returns candle's handle to it.
+pub fn open_candle_device() -> Result<Device> {
+    Ok(Gpu::open()?.device)
 }

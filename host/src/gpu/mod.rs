@@ -1,19 +1,33 @@
-//! NF4 kernels on an NVIDIA GPU through cudarc: the driver API and NVRTC, both opened with
-//! dlopen at run time, so the `cuda` build needs no CUDA toolkit (issue 7, first slice).
+//! NF4 kernels on an NVIDIA GPU, on candle's CUDA device (issue 7): the project's CUDA C
+//! compiled by NVRTC at run time and launched through cudarc on candle's context and stream,
+//! next to candle's own kernels and cuBLAS.
 //!
-//! **Not yet run on a GPU.** This module was written and compiled in a session without one; the
-//! `qdylora gpu-dequant` command checks the kernel bit for bit against `qdylora-core` on the CPU
-//! and fails when they differ, so its first run on a GPU machine is also its first test.
+//! **Not yet run on a GPU.** This module was written and compiled in sessions without one; the
+//! `qdylora gpu-dequant` command checks the dequantization kernel bit for bit against
+//! `qdylora-core` on the CPU, and the NF4 linear (forward and input gradient) against a CPU
+//! product, and fails when they differ, so its first run on a GPU machine is also their first
+//! test.
 //!
-//! * [`device`]: opens device 0, with an error (never a panic) when the driver library, NVRTC
-//!   or a device is missing.
-//! * [`dequant`]: NF4 + double-quant dequantization to f32 and bf16, compiled by NVRTC.
+//! * [`device`]: opens device 0 through candle, with one error line (never a panic) when the
+//!   driver has no usable GPU.
+//! * [`kernels`]: the CUDA C sources, compiled once per process and loaded into candle.
+//! * [`weight`]: an NF4 + double-quant weight on the GPU, uploaded or random.
+//! * [`dequant`]: NF4 + double-quant dequantization to f32 and bf16.
+//! * [`nf4_linear`]: the frozen linear `x Wᵀ` as a candle op, dequantizing into scratch for the
+//!   forward pass and again for the input gradient.
+//! * [`memory`]: bytes in use and their peak, for the benchmark.
 //! * [`traffic`]: the bytes a dequantization reads and writes (for effective GB/s).
 
 pub mod dequant;
 pub mod device;
+pub mod kernels;
+pub mod memory;
+pub mod nf4_linear;
 pub mod traffic;
+pub mod weight;
 
-pub use dequant::{DeviceNf4Weight, Nf4DequantKernels};
-pub use device::Gpu;
+pub use dequant::{DequantElement, dequantize, dequantize_into};
+pub use device::{Gpu, open_candle_device};
+pub use nf4_linear::linear_forward;
 pub use traffic::DequantTraffic;
+pub use weight::{CudaNf4Weight, Nf4Layout};

@@ -1,0 +1,131 @@
+//! The project's CUDA C sources, compiled to PTX by NVRTC at run time (once per process) and
+//! loaded into candle's CUDA device, so they run on the same context and stream as candle's
+//! own kernels and cuBLAS.
+//!
+//! Not yet run on a GPU (see the module notes in `gpu`). Compiling needs NVRTC only, which
+//! the `kernels_compile` test does without a GPU.
+
+use std::sync::OnceLock;
+
+use candle_core::CudaDevice;
+use candle_core::cuda::WrapErr;
+use cudarc::driver::CudaFunction;
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+/// One CUDA C source file, compiled on first use.
+pub struct KernelSource {
+    /// The module name candle caches the loaded PTX under (unique per source).
+    module: &'static str,
+    /// The CUDA C text.
+    source: &'static str,
+    /// The architecture compiled for and the PTX text, or NVRTC's message: compiled at most
+    /// once per process (one process drives one device).
+    compiled: OnceLock<Result<(String, String), String>>,
+}
+
+/// NF4 + double-quant dequantization to f32 and bf16 (`nf4_dequant.cu`).
+pub static NF4_DEQUANT: KernelSource =
+    KernelSource::new("qdylora_nf4_dequant", include_str!("nf4_dequant.cu"));
+
+/// Seeded random bytes for speed-only weights (`fill_random.cu`).
+pub static FILL_RANDOM: KernelSource =
+    KernelSource::new("qdylora_fill_random", include_str!("fill_random.cu"));
+
+impl KernelSource {
+    const fn new(module: &'static str, source: &'static str) -> Self {
+        Self {
+            module,
+            source,
+            compiled: OnceLock::new(),
+        }
+    }
+
+    /// Compiles the source to PTX for `arch` (e.g. `compute_90`), without caching. Needs
+    /// NVRTC, not a GPU.
+    pub fn compile_ptx(&self, arch: &str) -> anyhow::Result<Ptx> {
+        compile(self.module, self.source, arch).map_err(anyhow::Error::msg)
+    }
+
+    /// The kernel `name`, loaded into `dev` (compiled for its architecture on first use).
+    /// Launch it on `dev.cuda_stream()`, candle's stream.
+    pub fn function(&self, dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+        let arch = nvrtc_arch(dev)?;
+        let compiled = self.compiled.get_or_init(|| {
+            compile_text(self.module, self.source, &arch).map(|p| (arch.clone(), p))
+        });
+        let uncached;
+        let ptx = match compiled {
+            Ok((cached_arch, ptx)) if *cached_arch == arch => ptx,
+            // A second device of another architecture: correct, just not cached.
+            Ok(_) => {
+                uncached = compile_text(self.module, self.source, &arch)
+                    .map_err(candle_core::Error::msg)?;
+                &uncached
+            }
+            Err(message) => return Err(candle_core::Error::msg(message.clone())),
+        };
+        // candle keys loaded modules by name per device; the architecture is part of the
+        // name so that one device never gets the other's PTX.
+        let func = dev.get_or_load_custom_func(name, &format!("{}_{arch}", self.module), ptx)?;
+        Ok(func.into_cuda_function())
+    }
+}
+
+/// NVRTC's `--gpu-architecture` for `dev`, e.g. `compute_90` for an H100.
+pub fn nvrtc_arch(dev: &CudaDevice) -> candle_core::Result<String> {
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    Ok(format!("compute_{major}{minor}"))
+}
+
+fn compile_text(module: &str, source: &str, arch: &str) -> Result<String, String> {
+    compile(module, source, arch).map(|ptx| ptx.to_src())
+}
+
+fn compile(module: &str, source: &str, arch: &str) -> Result<Ptx, String> {
+    let opts = CompileOptions {
+        // The core rounds after every multiply and add: no contraction into FMAs, and
+        // subnormals are kept as the CPU keeps them.
+        fmad: Some(false),
+        ftz: Some(false),
+        options: vec![format!("--gpu-architecture={arch}")],
+        name: Some(format!("{module}.cu")),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| match e {
+        CompileError::CompileError { nvrtc, log, .. } => format!(
+            "NVRTC failed to compile {module} for {arch} ({nvrtc:?}): {}",
+            log.to_string_lossy()
+        ),
+        other => format!("NVRTC failed on {module} for {arch}: {other}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs NVRTC (no GPU needed), so it needs `libnvrtc.so.13` at run time like the whole
+    /// `cuda` build: `LD_LIBRARY_PATH=<cuda 13 lib folder>`.
+    #[test]
+    fn kernels_compile() {
+        for source in [&NF4_DEQUANT, &FILL_RANDOM] {
+            let ptx = source
+                .compile_ptx("compute_90")
+                .unwrap_or_else(|e| panic!("{}: {e:#}", source.module))
+                .to_src();
+            assert!(ptx.contains(".target sm_90"), "{}", source.module);
+        }
+        let dequant = NF4_DEQUANT.compile_ptx("compute_90").unwrap().to_src();
+        for name in ["nf4_dq_dequantize_f32", "nf4_dq_dequantize_bf16"] {
+            assert!(dequant.contains(&format!(".entry {name}")), "{name}");
+        }
+        let fill = FILL_RANDOM.compile_ptx("compute_90").unwrap().to_src();
+        assert!(fill.contains(".entry fill_random_u8"));
+    }
+
+    #[test]
+    fn compile_errors_are_reported() {
+        let err = compile("broken", "this is not CUDA", "compute_90").unwrap_err();
+        assert!(err.contains("NVRTC failed to compile broken"), "{err}");
+    }
+}

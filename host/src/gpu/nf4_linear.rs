@@ -1,0 +1,226 @@
+//! The frozen NF4 linear `y = x Wᵀ` on the GPU, as a candle custom op: the forward pass and
+//! the input gradient each dequantize `W` into a scratch buffer of the activations' dtype,
+//! multiply with cuBLAS through candle, and free the scratch before returning. Autograd keeps
+//! only the packed weight alive between them (the CPU twin is `model::linear`).
+//!
+//! **Not yet run on a GPU.** `qdylora gpu-dequant` checks both directions against a CPU
+//! reference before it times anything.
+
+use std::sync::Arc;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::bf16;
+
+use super::dequant::{self, DequantElement};
+pub use super::weight::CudaNf4Weight;
+
+/// `x [m, in] -> x Wᵀ [m, out]` for `x` on `w`'s CUDA device, f32 or bf16 (the result has
+/// `x`'s dtype). Differentiable with respect to `x` only: `W` is frozen.
+pub fn linear_forward(x: &Tensor, w: &Arc<CudaNf4Weight>) -> candle_core::Result<Tensor> {
+    check_input("nf4 linear", x.dims(), x.dtype(), w.cols())?;
+    x.contiguous()?
+        .apply_op1(Nf4LinearForward { weight: w.clone() })
+}
+
+/// Which side of the weight a product uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Product {
+    /// `x Wᵀ`: forward, `[m, in] -> [m, out]`.
+    TimesTransposed,
+    /// `g W`: the input gradient, `[m, out] -> [m, in]`.
+    Times,
+}
+
+impl Product {
+    /// (inner dimension, output columns) for a `[rows, cols]` weight.
+    fn dims(self, rows: usize, cols: usize) -> (usize, usize) {
+        match self {
+            Self::TimesTransposed => (cols, rows),
+            Self::Times => (rows, cols),
+        }
+    }
+
+    /// The layout of the right-hand factor over the row-major `[rows, cols]` scratch: `Wᵀ` is
+    /// the same memory with swapped strides, which cuBLAS reads transposed (no copy).
+    fn weight_layout(self, rows: usize, cols: usize) -> Layout {
+        match self {
+            Self::TimesTransposed => Layout::new(Shape::from((cols, rows)), vec![1, cols], 0),
+            Self::Times => Layout::contiguous((rows, cols)),
+        }
+    }
+}
+
+/// Checks `[m, inner]`, f32 or bf16, before any device work.
+fn check_input(op: &str, dims: &[usize], dtype: DType, inner: usize) -> candle_core::Result<usize> {
+    let m = match dims {
+        [m, k] if *k == inner => *m,
+        _ => candle_core::bail!("{op}: expected an input of shape [m, {inner}], got {dims:?}"),
+    };
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(m),
+        other => candle_core::bail!("{op}: expected f32 or bf16 input, got {other:?}"),
+    }
+}
+
+/// `lhs · (W or Wᵀ)` with `W` dequantized into a scratch buffer of `lhs`'s dtype that is
+/// dropped (freed in stream order) before this returns.
+fn times_weight(
+    op: &str,
+    lhs: &CudaStorage,
+    lhs_layout: &Layout,
+    w: &CudaNf4Weight,
+    product: Product,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let (inner, n) = product.dims(rows, cols);
+    let m = check_input(op, lhs_layout.dims(), lhs.dtype(), inner)?;
+    if !lhs_layout.is_contiguous() {
+        candle_core::bail!("{op}: the input must be contiguous");
+    }
+    let dev = lhs.device();
+    let out_shape = Shape::from((m, n));
+    if m == 0 {
+        // Nothing to multiply: skip the dequantization and a zero-sized cuBLAS call.
+        return Ok((dev.zeros_impl(&out_shape, lhs.dtype())?, out_shape));
+    }
+    let scratch = match lhs.dtype() {
+        DType::F32 => dequantized::<f32>(dev, w)?,
+        DType::BF16 => dequantized::<bf16>(dev, w)?,
+        other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
+    };
+    // candle's matmul runs cuBLAS on its stream, after the dequantization in stream order.
+    let out = lhs.matmul(
+        &scratch,
+        (1, m, n, inner),
+        lhs_layout,
+        &product.weight_layout(rows, cols),
+    )?;
+    drop(scratch);
+    Ok((out, out_shape))
+}
+
+fn dequantized<T: DequantElement + candle_core::cuda::CudaDType>(
+    dev: &candle_core::CudaDevice,
+    w: &CudaNf4Weight,
+) -> candle_core::Result<CudaStorage> {
+    let slice = dequant::dequantize::<T>(dev, w)?;
+    Ok(CudaStorage::wrap_cuda_slice(slice, dev.clone()))
+}
+
+fn cpu_unsupported(op: &str) -> candle_core::Error {
+    candle_core::Error::msg(format!(
+        "{op} runs on the CUDA device only (the CPU path is model::linear)"
+    ))
+}
+
+/// Forward: `x [m, in] -> x Wᵀ [m, out]`.
+struct Nf4LinearForward {
+    weight: Arc<CudaNf4Weight>,
+}
+
+impl CustomOp1 for Nf4LinearForward {
+    fn name(&self) -> &'static str {
+        "nf4-linear-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cpu_unsupported(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        times_weight(
+            self.name(),
+            storage,
+            layout,
+            &self.weight,
+            Product::TimesTransposed,
+        )
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // W is frozen: only the input gradient, dequantizing W again instead of keeping it.
+        let grad = grad_res
+            .contiguous()?
+            .apply_op1_no_bwd(&Nf4LinearInputGrad {
+                weight: self.weight.clone(),
+            })?;
+        Ok(Some(grad))
+    }
+}
+
+/// Backward: `grad_y [m, out] -> grad_y W [m, in]`.
+struct Nf4LinearInputGrad {
+    weight: Arc<CudaNf4Weight>,
+}
+
+impl CustomOp1 for Nf4LinearInputGrad {
+    fn name(&self) -> &'static str {
+        "nf4-linear-cuda-input-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cpu_unsupported(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        times_weight(self.name(), storage, layout, &self.weight, Product::Times)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn transposed_weight_is_candles_own_transpose() {
+        // candle's CUDA matmul accepts `x.matmul(&w.t())`; the forward hands it the same
+        // layout over the scratch, so cuBLAS reads W transposed instead of a copy.
+        let (rows, cols) = (6, 4);
+        let w = Tensor::zeros((rows, cols), DType::F32, &Device::Cpu).unwrap();
+        let wt = w.t().unwrap();
+        let ours = Product::TimesTransposed.weight_layout(rows, cols);
+        let theirs = wt.layout();
+        assert_eq!(ours.dims(), theirs.dims());
+        assert_eq!(ours.stride(), theirs.stride());
+        assert_eq!(ours.start_offset(), theirs.start_offset());
+        assert_eq!(Product::TimesTransposed.dims(rows, cols), (cols, rows));
+
+        let plain = Product::Times.weight_layout(rows, cols);
+        assert_eq!(plain.dims(), w.layout().dims());
+        assert_eq!(plain.stride(), w.layout().stride());
+        assert_eq!(Product::Times.dims(rows, cols), (rows, cols));
+    }
+
+    #[test]
+    fn input_checks() {
+        assert_eq!(check_input("t", &[5, 64], DType::F32, 64).unwrap(), 5);
+        assert_eq!(check_input("t", &[0, 64], DType::BF16, 64).unwrap(), 0);
+        for (dims, dtype) in [
+            (&[5, 63][..], DType::F32),
+            (&[2, 5, 64][..], DType::F32),
+            (&[64][..], DType::F32),
+            (&[5, 64][..], DType::F16),
+            (&[5, 64][..], DType::U8),
+        ] {
+            assert!(
+                check_input("t", dims, dtype, 64).is_err(),
+                "{dims:?} {dtype:?}"
+            );
+        }
+    }
+}
