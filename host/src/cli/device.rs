@@ -37,11 +37,18 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
-/// Peak device memory in bytes since the process started (GPU only).
-pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
+/// Peak device memory in bytes since the process started, and what counter it comes from
+/// (GPU only).
+pub fn peak_bytes(device: &Device) -> Result<Option<(u64, &'static str)>> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => Ok(Some(crate::gpu::memory::peak_bytes(dev)?)),
+        Device::Cuda(dev) => {
+            use crate::gpu::memory;
+            Ok(Some((
+                memory::peak_bytes(dev)?,
+                memory::counter(dev).describe(),
+            )))
+        }
         _ => Ok(None),
     }
 }

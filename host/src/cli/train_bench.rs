@@ -139,6 +139,8 @@ pub struct BenchReport {
     pub weights_gib: f64,
     /// Peak device memory over the whole run, in GiB (GPU only).
     pub peak_gib: Option<f64>,
+    /// What the peak counts (GPU only).
+    pub memory_counter: Option<&'static str>,
     /// Seconds to build the random model.
     pub build_s: f64,
 }
@@ -172,8 +174,9 @@ pub fn run(args: &Args) -> Result<()> {
         }
         match report.peak_gib {
             Some(p) => println!(
-                "peak GPU memory {p:.2} GiB (weights {:.2})",
-                report.weights_gib
+                "peak GPU memory {p:.2} GiB (weights {:.2}; {})",
+                report.weights_gib,
+                report.memory_counter.unwrap_or("?")
             ),
             None => println!("weights {:.2} MiB", report.weights_gib * 1024.0),
         }
@@ -278,7 +281,8 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         cpu_losses,
         max_loss_rel_diff,
         weights_gib: model.resident_bytes() as f64 / GIB,
-        peak_gib: peak.map(|b| b as f64 / GIB),
+        peak_gib: peak.map(|(b, _)| b as f64 / GIB),
+        memory_counter: peak.map(|(_, counter)| counter),
         build_s,
     })
 }
