@@ -21,12 +21,15 @@
 #   ROWS COLS BLOCKSIZE ITERS WARMUP   dequant: shape and timing (default 11008 4096 64 100 10)
 #   BATCH SEQ LAYERS STEPS WARMUP_STEPS R_MAX   train: (default 4 1024 32 6 2 64)
 #   PEER_ONLY=1 / OURS_ONLY=1           train: run one side only
+#   NSYS=1                              train: also profile ours with Nsight Systems (if `nsys`
+#                                       is installed) and print its per-kernel time summary,
+#                                       to see where a fusion would pay before building it
 #
 # Not yet run on a GPU machine: written in a session without one.
 set -euo pipefail
 
 usage() {
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -75,6 +78,19 @@ if [[ "$mode" == train ]]; then
             --batch "$BATCH" --seq "$SEQ" --r-max "$R_MAX" --alpha 16 --warmup "$WARMUP_STEPS" \
             --steps "$STEPS" --json)
         echo "qdylora: $ours_json"
+        if [[ -n "${NSYS:-}" ]]; then
+            nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys 2>/dev/null || true)
+            if [[ -n "$nsys" ]]; then
+                report=$(mktemp -d /tmp/qdylora-nsys.XXXXXX)/train
+                "$nsys" profile --trace=cuda --output "$report" --force-overwrite true \
+                    "$bin" train-bench --device cuda --shape llama7b --layers "$LAYERS" \
+                    --batch "$BATCH" --seq "$SEQ" --r-max "$R_MAX" --alpha 16 \
+                    --warmup "$WARMUP_STEPS" --steps "$STEPS" >/dev/null
+                "$nsys" stats --report cuda_gpu_kern_sum --format table "$report.nsys-rep" | head -40
+            else
+                echo "NSYS=1: nsys is not installed here; skipping the profile" >&2
+            fi
+        fi
     fi
     if [[ -z "${OURS_ONLY:-}" ]]; then
         need_bitsandbytes
