@@ -14,6 +14,7 @@ use qdylora_core::nf4;
 use qdylora_formats::Nf4Weight;
 
 use super::kernels::FILL_RANDOM;
+use crate::kernels::view::WeightView;
 
 /// Threads per block of the grid-stride kernels.
 pub(crate) const THREADS: u32 = 256;
@@ -27,8 +28,8 @@ const RANDOM_NESTED_ABSMAX: f32 = 0.02;
 /// Offset of a random weight (see [`RANDOM_NESTED_ABSMAX`]).
 const RANDOM_OFFSET: f32 = 0.03;
 
-/// The array lengths an NF4 + double-quant `[rows, cols]` weight must have. Computed from the
-/// shape alone, so it can check a weight (and size allocations) before anything is trusted.
+/// The array lengths an NF4 + double-quant `[rows, cols]` weight has. Computed from the shape
+/// alone, so it sizes the allocations of a random weight as well as an uploaded one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Nf4Layout {
     /// Output features.
@@ -69,27 +70,11 @@ impl Nf4Layout {
         })
     }
 
-    /// Checks that `w`'s arrays have exactly these lengths: the kernels trust them.
-    pub fn check(&self, w: &Nf4Weight) -> Result<()> {
-        ensure!(
-            w.packed.len() == self.packed_len,
-            "packed codes: {} bytes for {} values",
-            w.packed.len(),
-            self.elements
-        );
-        ensure!(
-            w.absmax_codes.len() == self.blocks,
-            "absmax codes: {} for {} blocks",
-            w.absmax_codes.len(),
-            self.blocks
-        );
-        ensure!(
-            w.nested_absmax.len() == self.nested_len,
-            "nested absmax: {} for {} blocks",
-            w.nested_absmax.len(),
-            self.blocks
-        );
-        Ok(())
+    /// The layout of `w`, after the CPU kernels' own check that every array's length fits its
+    /// shape ([`WeightView`]): the GPU kernels trust those lengths.
+    pub fn of_checked(w: &Nf4Weight) -> Result<Self> {
+        WeightView::new(w).context("NF4 weight")?;
+        Self::new(w.rows, w.cols, w.blocksize)
     }
 
     /// Bytes a weight of this layout keeps on the GPU: the codes, the absmax codes, the
@@ -125,8 +110,7 @@ impl std::fmt::Debug for CudaNf4Weight {
 impl CudaNf4Weight {
     /// Checks `w`'s array lengths against its shape and uploads it on candle's stream.
     pub fn upload(dev: &CudaDevice, w: &Nf4Weight) -> Result<Self> {
-        let layout = Nf4Layout::new(w.rows, w.cols, w.blocksize)?;
-        layout.check(w)?;
+        let layout = Nf4Layout::of_checked(w)?;
         let stream = dev.cuda_stream();
         Ok(Self {
             layout,
@@ -335,35 +319,25 @@ mod tests {
             .map(|i| ((i % 37) as f32 - 18.0) * 0.01)
             .collect();
         let w = Nf4Weight::quantize(3, 700, &data, 64).unwrap();
-        let layout = Nf4Layout::new(w.rows, w.cols, w.blocksize).unwrap();
-        layout.check(&w).unwrap();
+        let layout = Nf4Layout::of_checked(&w).unwrap();
+        assert_eq!(layout, Nf4Layout::new(3, 700, 64).unwrap());
+        assert_eq!(layout.packed_len, w.packed.len());
+        assert_eq!(layout.blocks, w.absmax_codes.len());
+        assert_eq!(layout.nested_len, w.nested_absmax.len());
 
+        let error = |w: &Nf4Weight| format!("{:#}", Nf4Layout::of_checked(w).unwrap_err());
         let mut short = w.clone();
         short.packed.pop();
-        assert!(
-            layout
-                .check(&short)
-                .unwrap_err()
-                .to_string()
-                .contains("packed")
-        );
+        assert!(error(&short).contains("Packed"), "{}", error(&short));
         let mut long = w.clone();
         long.absmax_codes.push(0);
-        assert!(
-            layout
-                .check(&long)
-                .unwrap_err()
-                .to_string()
-                .contains("absmax codes")
-        );
+        assert!(error(&long).contains("Absmax"), "{}", error(&long));
         let mut nested = w;
         nested.nested_absmax.clear();
         assert!(
-            layout
-                .check(&nested)
-                .unwrap_err()
-                .to_string()
-                .contains("nested")
+            error(&nested).contains("NestedAbsmax"),
+            "{}",
+            error(&nested)
         );
     }
 

@@ -21,7 +21,7 @@ mod scalar;
 mod scratch;
 #[cfg(test)]
 mod testutil;
-mod view;
+pub(crate) mod view;
 
 pub use dequant::{
     DequantElement, dequantize_into, dequantize_into_with, dequantize_rows, dequantize_rows_with,
