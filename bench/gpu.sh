@@ -74,18 +74,16 @@ if [[ "$mode" == train ]]; then
     WARMUP_STEPS=${WARMUP_STEPS:-2} R_MAX=${R_MAX:-64}
     ours_json=null peer_json=null
     if [[ -z "${PEER_ONLY:-}" ]]; then
-        ours_json=$("$bin" train-bench --device cuda --shape llama7b --layers "$LAYERS" \
-            --batch "$BATCH" --seq "$SEQ" --r-max "$R_MAX" --alpha 16 --warmup "$WARMUP_STEPS" \
-            --steps "$STEPS" --json)
+        ours=("$bin" train-bench --device cuda --shape llama7b --layers "$LAYERS" --batch "$BATCH"
+            --seq "$SEQ" --r-max "$R_MAX" --alpha 16 --warmup "$WARMUP_STEPS" --steps "$STEPS")
+        ours_json=$("${ours[@]}" --json)
         echo "qdylora: $ours_json"
         if [[ -n "${NSYS:-}" ]]; then
             nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys 2>/dev/null || true)
             if [[ -n "$nsys" ]]; then
                 report=$(mktemp -d /tmp/qdylora-nsys.XXXXXX)/train
                 "$nsys" profile --trace=cuda --output "$report" --force-overwrite true \
-                    "$bin" train-bench --device cuda --shape llama7b --layers "$LAYERS" \
-                    --batch "$BATCH" --seq "$SEQ" --r-max "$R_MAX" --alpha 16 \
-                    --warmup "$WARMUP_STEPS" --steps "$STEPS" >/dev/null
+                    "${ours[@]}" >/dev/null
                 "$nsys" stats --report cuda_gpu_kern_sum --format table "$report.nsys-rep" | head -40
             else
                 echo "NSYS=1: nsys is not installed here; skipping the profile" >&2

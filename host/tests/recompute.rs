@@ -138,7 +138,7 @@ fn dequantized(model: &Llama) -> Llama {
 #[test]
 fn bf16_activations_follow_the_f32_loss_curve() {
     let model = nf4_model();
-    let bf16 = place(dequantized(&model), &Device::Cpu, DType::BF16).unwrap();
+    let bf16 = place(&dequantized(&model), &Device::Cpu, DType::BF16).unwrap();
     assert_eq!(bf16.dtype(), DType::BF16);
     let steps = 8;
     let (f32_losses, _) = run(&model, RankMode::Frozen, steps, false);
@@ -163,6 +163,6 @@ fn bf16_activations_follow_the_f32_loss_curve() {
 
 #[test]
 fn the_cpu_nf4_kernels_refuse_bf16_activations() {
-    let err = place(nf4_model(), &Device::Cpu, DType::BF16).unwrap_err();
+    let err = place(&nf4_model(), &Device::Cpu, DType::BF16).unwrap_err();
     assert!(format!("{err:#}").contains("f32"), "{err:#}");
 }

@@ -130,7 +130,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let adapter = load_adapter(args, &source, &device)?;
     let model = load::build(&source, BaseLinears::Dense, &Device::Cpu)?;
-    let model = place(model.llama, &device, dtype)?;
+    let model = place(&model.llama, &device, dtype)?;
     let call = adapter.as_ref().map(|(a, r)| AdapterCall {
         adapter: a,
         rank: *r,

@@ -223,7 +223,7 @@ pub fn run_command(args: &Args) -> Result<()> {
     };
     // Quantized on the host, then uploaded as packed NF4 when the device is a GPU.
     let model = place(
-        load::build(&source, base, &Device::Cpu)?.llama,
+        &load::build(&source, base, &Device::Cpu)?.llama,
         &device,
         dtype,
     )?;

@@ -211,18 +211,20 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         config.num_layers = layers;
     }
     let started = Instant::now();
-    let model = if args.check_against_cpu {
-        // Host-made weights, so the CPU reference trains exactly the same model.
-        let host = random_nf4_llama(config, &Device::Cpu, DType::F32, args.blocksize, args.seed)?;
-        place(host, &device, dtype)?
-    } else {
-        random_nf4_llama(config, &device, dtype, args.blocksize, args.seed)
-            .context("building the random model")?
+    // With the CPU check, the weights are made on the host so the reference trains the same model.
+    let host = args
+        .check_against_cpu
+        .then(|| random_nf4_llama(config, &Device::Cpu, DType::F32, args.blocksize, args.seed))
+        .transpose()?;
+    let model = match &host {
+        Some(host) => place(host, &device, dtype)?,
+        None => random_nf4_llama(config, &device, dtype, args.blocksize, args.seed)
+            .context("building the random model")?,
     };
     device.synchronize()?;
     let build_s = started.elapsed().as_secs_f64();
 
-    let data = random_tokens(&config, args)?;
+    let data = random_tokens(&config, args);
     let train_config = train_config(args);
     let mut trainer = Trainer::new(&model, train_config.clone(), [0; 16])?;
     trainer.recompute = !args.no_recompute;
@@ -242,17 +244,9 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
     let seconds = timed.elapsed().as_secs_f64();
     let peak = peak_bytes(&device)?;
 
-    let cpu_losses = if args.check_against_cpu {
-        let host = random_nf4_llama(config, &Device::Cpu, DType::F32, args.blocksize, args.seed)?;
-        Some(cpu_reference_losses(
-            &host,
-            train_config,
-            &data,
-            losses.len(),
-        )?)
-    } else {
-        None
-    };
+    let cpu_losses = host
+        .map(|host| cpu_reference_losses(&host, train_config, &data, losses.len()))
+        .transpose()?;
     let max_loss_rel_diff = cpu_losses.as_ref().map(|cpu| {
         cpu.iter()
             .zip(&losses)
@@ -328,7 +322,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// `batch` random sequences of `seq + 1` tokens (inputs and shifted targets of length `seq`),
 /// every position scored, as the peer's `labels=input_ids`.
-fn random_tokens(config: &DecoderConfig, args: &Args) -> Result<Dataset> {
+fn random_tokens(config: &DecoderConfig, args: &Args) -> Dataset {
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
     let train = (0..args.batch)
         .map(|_| Example {
@@ -339,8 +333,8 @@ fn random_tokens(config: &DecoderConfig, args: &Args) -> Result<Dataset> {
             answer: Vec::new(),
         })
         .collect();
-    Ok(Dataset {
+    Dataset {
         train,
         eval: Vec::new(),
-    })
+    }
 }

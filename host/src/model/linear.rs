@@ -60,39 +60,14 @@ impl BaseLinear {
     /// `x: [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Nf4(w) => {
-                let dims = x.dims().to_vec();
-                let (lead, last) = dims.split_at(dims.len() - 1);
-                if last != [w.cols] {
-                    candle_core::bail!(
-                        "NF4 linear expects {} input features, got shape {:?}",
-                        w.cols,
-                        dims
-                    );
-                }
-                let m: usize = lead.iter().product();
-                let y = x
-                    .reshape((m, w.cols))?
-                    .contiguous()?
-                    .apply_op1(Nf4LinearOp { weight: w.clone() })?;
-                let mut out_dims = lead.to_vec();
-                out_dims.push(w.rows);
-                y.reshape(out_dims)
-            }
+            Self::Nf4(w) => on_rows(x, w.cols, w.rows, |x2| {
+                x2.apply_op1(Nf4LinearOp { weight: w.clone() })
+            }),
             Self::Dense { weight_t } => x.broadcast_matmul(weight_t),
             #[cfg(feature = "cuda")]
-            Self::Nf4Cuda(w) => {
-                let dims = x.dims().to_vec();
-                let (lead, _) = dims.split_at(dims.len() - 1);
-                let m: usize = lead.iter().product();
-                let y = crate::gpu::nf4_linear::linear_forward(
-                    &x.reshape((m, w.cols()))?.contiguous()?,
-                    w,
-                )?;
-                let mut out_dims = lead.to_vec();
-                out_dims.push(w.rows());
-                y.reshape(out_dims)
-            }
+            Self::Nf4Cuda(w) => on_rows(x, w.cols(), w.rows(), |x2| {
+                crate::gpu::nf4_linear::linear_forward(x2, w)
+            }),
         }
     }
 
@@ -105,6 +80,28 @@ impl BaseLinear {
             Self::Nf4Cuda(w) => w.resident_bytes(),
         }
     }
+}
+
+/// Applies `op`, a product over `[m, cols]` rows, to `x: [..., cols]` flattened to rows, and
+/// restores the leading dims around the `rows` outputs.
+fn on_rows(
+    x: &Tensor,
+    cols: usize,
+    rows: usize,
+    op: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("NF4 linear expects [..., {cols}] input, got a scalar");
+    };
+    if last != cols {
+        candle_core::bail!("NF4 linear expects {cols} input features, got shape {dims:?}");
+    }
+    let m: usize = lead.iter().product();
+    let y = op(&x.reshape((m, cols))?.contiguous()?)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(rows);
+    y.reshape(out_dims)
 }
 
 fn contiguous_f32<'a>(

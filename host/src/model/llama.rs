@@ -272,7 +272,7 @@ impl Llama {
     }
 }
 
-/// `[t, t]` with 0 on and below the diagonal and -inf above.
+/// `[t, t]` f32 (added to the f32 scores) with 0 on and below the diagonal and -inf above.
 fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mask: Vec<f32> = (0..t * t)
         .map(|i| {
@@ -283,7 +283,7 @@ fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
             }
         })
         .collect();
-    Tensor::from_vec(mask, (t, t), device)?.to_dtype(DType::F32)
+    Tensor::from_vec(mask, (t, t), device)
 }
 
 /// `[b, kv, t, hd] -> [b, kv * n, t, hd]`, each key/value head serving `n` query heads.

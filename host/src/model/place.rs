@@ -20,7 +20,7 @@ pub const BF16_LOSS_TOLERANCE: f64 = 0.02;
 
 /// `model` on `device` with activations in `dtype` (f32, or bf16 for GPU training). Norm weights
 /// and embeddings follow `dtype`; NF4 linears stay packed (on a GPU: uploaded as they are).
-pub fn place(model: Llama, device: &Device, dtype: DType) -> Result<Llama> {
+pub fn place(model: &Llama, device: &Device, dtype: DType) -> Result<Llama> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         bail!("activations must be f32, bf16 or f16, not {dtype:?}");
     }

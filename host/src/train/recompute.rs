@@ -79,10 +79,7 @@ pub fn loss_and_grads(
         let store = (out * &grad_out)?.sum_all()?.backward()?;
         for (g, v) in grads.iter_mut().zip(vars) {
             if let Some(new) = store.get(v.as_tensor()) {
-                *g = Some(match g.take() {
-                    Some(old) => (old + new)?,
-                    None => new.clone(),
-                });
+                accumulate(g, new.clone())?;
             }
         }
         grad_out = store
@@ -91,6 +88,15 @@ pub fn loss_and_grads(
             .clone();
     }
     Ok(MicroBatchGrads { loss_sum, grads })
+}
+
+/// Adds `new` to the gradient in `slot` (or puts it there).
+pub fn accumulate(slot: &mut Option<Tensor>, new: Tensor) -> candle_core::Result<()> {
+    *slot = Some(match slot.take() {
+        Some(old) => (old + new)?,
+        None => new,
+    });
+    Ok(())
 }
 
 /// `call` with its dropout replaced (the adapter outlives the layer's dropout).

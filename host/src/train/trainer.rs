@@ -302,10 +302,7 @@ impl<'m> Trainer<'m> {
             tokens += batch.rows * batch.cols;
             for (g, new) in grads.iter_mut().zip(new_grads) {
                 if let Some(new) = new {
-                    *g = Some(match g.take() {
-                        Some(old) => (old + new)?,
-                        None => new,
-                    });
+                    recompute::accumulate(g, new)?;
                 }
             }
         }
