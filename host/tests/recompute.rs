@@ -132,6 +132,7 @@ fn dequantized(model: &Llama) -> Llama {
         final_norm: model.final_norm.clone(),
         lm_head: model.lm_head.clone(),
         device: Device::Cpu,
+        fusions: model.fusions,
     }
 }
 

@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::cli::progress;
+use crate::model::fused::Fusions;
 use crate::model::linear::BaseLinear;
 use crate::model::llama::{Layer, Llama};
 use crate::train::data::{Batch, DataCursor, Dataset, Example};
@@ -90,6 +91,7 @@ impl DenseParams {
             final_norm: self.get("model.norm.weight")?.as_tensor().clone(),
             lm_head: None,
             device: device.clone(),
+            fusions: Fusions::default(),
         })
     }
 

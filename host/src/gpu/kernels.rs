@@ -23,9 +23,23 @@ pub struct KernelSource {
     compiled: OnceLock<Result<(String, String), String>>,
 }
 
+/// A kernel source with the shared element helpers (`elements.cuh`) in front.
+macro_rules! with_elements {
+    ($file:literal) => {
+        concat!(include_str!("elements.cuh"), "\n", include_str!($file))
+    };
+}
+
 /// NF4 + double-quant dequantization to f32 and bf16 (`nf4_dequant.cu`).
 pub static NF4_DEQUANT: KernelSource =
-    KernelSource::new("qdylora_nf4_dequant", include_str!("nf4_dequant.cu"));
+    KernelSource::new("qdylora_nf4_dequant", with_elements!("nf4_dequant.cu"));
+
+/// The fused attention softmax, forward and backward (`causal_softmax.cu`).
+pub static CAUSAL_SOFTMAX: KernelSource =
+    KernelSource::new("qdylora_causal_softmax", with_elements!("causal_softmax.cu"));
+
+/// The fused SwiGLU, forward and both gradients (`swiglu.cu`).
+pub static SWIGLU: KernelSource = KernelSource::new("qdylora_swiglu", with_elements!("swiglu.cu"));
 
 /// Seeded random bytes for speed-only weights (`fill_random.cu`).
 pub static FILL_RANDOM: KernelSource =
@@ -108,7 +122,7 @@ mod tests {
     /// `cuda` build: `LD_LIBRARY_PATH=<cuda 13 lib folder>`.
     #[test]
     fn kernels_compile() {
-        for source in [&NF4_DEQUANT, &FILL_RANDOM] {
+        for source in [&NF4_DEQUANT, &FILL_RANDOM, &CAUSAL_SOFTMAX, &SWIGLU] {
             let ptx = source
                 .compile_ptx("compute_90")
                 .unwrap_or_else(|e| panic!("{}: {e:#}", source.module))
@@ -121,6 +135,20 @@ mod tests {
         }
         let fill = FILL_RANDOM.compile_ptx("compute_90").unwrap().to_src();
         assert!(fill.contains(".entry fill_random_u8"));
+        let softmax = CAUSAL_SOFTMAX.compile_ptx("compute_90").unwrap().to_src();
+        for dir in ["fwd", "bwd"] {
+            for ty in ["f32", "bf16"] {
+                let name = format!("causal_softmax_{dir}_{ty}");
+                assert!(softmax.contains(&format!(".entry {name}")), "{name}");
+            }
+        }
+        let swiglu = SWIGLU.compile_ptx("compute_90").unwrap().to_src();
+        for pass in ["fwd", "bwd_gate", "bwd_up"] {
+            for ty in ["f32", "bf16"] {
+                let name = format!("swiglu_{pass}_{ty}");
+                assert!(swiglu.contains(&format!(".entry {name}")), "{name}");
+            }
+        }
     }
 
     #[test]

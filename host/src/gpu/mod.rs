@@ -15,14 +15,22 @@
 //! * [`dequant`]: NF4 + double-quant dequantization to f32 and bf16.
 //! * [`nf4_linear`]: the frozen linear `x Wᵀ` as a candle op, dequantizing into scratch for the
 //!   forward pass and again for the input gradient.
+//! * [`causal_softmax`]: the fused attention softmax (scale, causal mask, f32 statistics),
+//!   forward and backward; the CUDA side of `model::fused::softmax`.
+//! * [`fused`]: the one launcher of the fused-op kernels (inputs, output, scalars).
+//! * [`swiglu`]: the fused SwiGLU, forward and backward; the CUDA side of
+//!   `model::fused::swiglu`.
 //! * [`memory`]: bytes in use and their peak, for the benchmark.
 //! * [`traffic`]: the bytes a dequantization reads and writes (for effective GB/s).
 
+pub mod causal_softmax;
 pub mod dequant;
 pub mod device;
+pub mod fused;
 pub mod kernels;
 pub mod memory;
 pub mod nf4_linear;
+pub mod swiglu;
 pub mod traffic;
 pub mod weight;
 

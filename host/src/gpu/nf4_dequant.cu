@@ -14,28 +14,11 @@
 // blocks of 2^log2_blocksize elements share one absmax. The blocksize is a power of two >= 32,
 // so 8 consecutive elements starting at a multiple of 8 always share a block.
 
+// Needs elements.cuh (prepended by kernels.rs): u16/u32/u64 and bf16_bits_rne.
 typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
 
 #define NESTED_LOG2 8  // 256 absmax codes per nested absmax
 #define GROUP 8        // elements per thread step: one 32-bit load of 4 packed bytes
-
-// half::bf16::from_f32 bit for bit: a NaN keeps its sign and top mantissa bits and is made
-// quiet; everything else rounds to nearest, ties to even (done on the bits: no cuda_bf16.h).
-__device__ __forceinline__ u16 bf16_bits_rne(float value) {
-    const u32 x = __float_as_uint(value);
-    if ((x & 0x7fffffffu) > 0x7f800000u) {
-        return (u16)((x >> 16) | 0x0040u);
-    }
-    // Round up when the dropped half is above one half, or exactly one half with an odd kept
-    // part: the round bit is set and any other dropped bit or the lowest kept bit is set.
-    if ((x & 0x8000u) != 0u && (x & 0x17fffu) != 0u) {
-        return (u16)((x >> 16) + 1u);
-    }
-    return (u16)(x >> 16);
-}
 
 __device__ __forceinline__ void store_group(float* out, u64 group, const float v[GROUP]) {
     float4* dst = reinterpret_cast<float4*>(out) + 2 * group;

@@ -8,6 +8,9 @@
 use candle_core::{D, DType, Device, Tensor};
 use qdylora_core::infer::{DecoderConfig, LinearKind};
 
+use super::fused::Fusions;
+use super::fused::softmax::{causal_mask, causal_softmax, causal_softmax_unfused};
+use super::fused::swiglu::{swiglu, swiglu_unfused};
 use super::linear::BaseLinear;
 use super::lora::{AdapterCall, ModuleKey};
 
@@ -47,6 +50,8 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     /// Device of every tensor.
     pub device: Device,
+    /// Which fused ops the forward pass uses (all by default).
+    pub fusions: Fusions,
 }
 
 /// Precomputed RoPE tables for positions `0..t`: `[t, head_dim/2]` each.
@@ -107,18 +112,12 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
         .broadcast_mul(weight)
 }
 
-/// Softmax over the last dim (max subtracted, detached: it does not change the value).
-pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// What every layer needs for a sequence length: the RoPE tables and the causal mask.
+/// What every layer needs for a sequence length: the RoPE tables, and the causal mask when
+/// the attention softmax is unfused (the fused one masks as it goes).
 #[derive(Debug)]
 pub struct Positions {
     rope: Rope,
-    mask: Tensor,
+    mask: Option<Tensor>,
 }
 
 impl Llama {
@@ -169,7 +168,10 @@ impl Llama {
     pub fn positions(&self, t: usize) -> candle_core::Result<Positions> {
         Ok(Positions {
             rope: Rope::new(&self.config, t, &self.device, self.dtype())?,
-            mask: causal_mask(t, &self.device)?,
+            mask: match self.fusions.softmax {
+                true => None,
+                false => Some(causal_mask(t, t, &self.device)?),
+            },
         })
     }
 
@@ -181,7 +183,7 @@ impl Llama {
         positions: &Positions,
         adapter: Option<&AdapterCall<'_>>,
     ) -> candle_core::Result<Tensor> {
-        let x = self.attention(layer, x, &positions.rope, &positions.mask, adapter)?;
+        let x = self.attention(layer, x, positions, adapter)?;
         self.mlp(layer, &x, adapter)
     }
 
@@ -210,8 +212,7 @@ impl Llama {
         &self,
         layer: usize,
         x: &Tensor,
-        rope: &Rope,
-        mask: &Tensor,
+        positions: &Positions,
         adapter: Option<&AdapterCall<'_>>,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
@@ -228,13 +229,17 @@ impl Llama {
         let q = split(self.linear(layer, LinearKind::Q, &h, adapter)?, heads)?;
         let k = split(self.linear(layer, LinearKind::K, &h, adapter)?, kv_heads)?;
         let v = split(self.linear(layer, LinearKind::V, &h, adapter)?, kv_heads)?;
+        let rope = &positions.rope;
         let q = rope.apply(&q)?;
         let k = repeat_kv(&rope.apply(&k)?, heads / kv_heads)?;
         let v = repeat_kv(&v, heads / kv_heads)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
-        let attn = softmax_last(&scores)?.to_dtype(v.dtype())?.matmul(&v)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let probs = match &positions.mask {
+            None => causal_softmax(&scores, scale)?,
+            Some(mask) => causal_softmax_unfused(&scores, scale, mask)?,
+        };
+        let attn = probs.matmul(&v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let out = self.linear(layer, LinearKind::O, &attn, adapter)?;
         x + out
@@ -250,7 +255,10 @@ impl Llama {
         let h = rms_norm(x, &self.layers[layer].post_norm, cfg.rms_norm_eps)?;
         let gate = self.linear(layer, LinearKind::Gate, &h, adapter)?;
         let up = self.linear(layer, LinearKind::Up, &h, adapter)?;
-        let act = (gate.silu()? * up)?;
+        let act = match self.fusions.swiglu {
+            true => swiglu(&gate, &up)?,
+            false => swiglu_unfused(&gate, &up)?,
+        };
         let down = self.linear(layer, LinearKind::Down, &act, adapter)?;
         x + down
     }
@@ -270,20 +278,6 @@ impl Llama {
         }
         total
     }
-}
-
-/// `[t, t]` f32 (added to the f32 scores) with 0 on and below the diagonal and -inf above.
-fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..t * t)
-        .map(|i| {
-            if i % t > i / t {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, t), device)
 }
 
 /// `[b, kv, t, hd] -> [b, kv * n, t, hd]`, each key/value head serving `n` query heads.

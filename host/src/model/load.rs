@@ -14,6 +14,7 @@ use qdylora_formats::hf::{self, DenseTensor, LlamaConfig};
 use qdylora_formats::{Nf4Weight, bnb, fingerprint, peft};
 use rayon::prelude::*;
 
+use super::fused::Fusions;
 use super::linear::BaseLinear;
 use super::llama::{Layer, Llama};
 use super::lora::{Adapter, LoraModule, ModuleKey};
@@ -181,6 +182,7 @@ pub fn build(source: &ModelSource, linears: BaseLinears, device: &Device) -> Res
         final_norm: tensor(source.dense("model.norm.weight")?, device)?,
         lm_head,
         device: device.clone(),
+        fusions: Fusions::default(),
     };
     Ok(LoadedModel { llama, quantized })
 }

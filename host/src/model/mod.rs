@@ -1,4 +1,5 @@
 //! The model: frozen (NF4 or dense) linears, LoRA/DyLoRA adapters, the LLaMA decoder, loading.
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod load;

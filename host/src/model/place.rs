@@ -10,6 +10,7 @@ use qdylora_formats::Nf4Weight;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::fused::Fusions;
 use super::linear::BaseLinear;
 use super::llama::{Layer, Llama};
 
@@ -50,6 +51,7 @@ pub fn place(model: &Llama, device: &Device, dtype: DType) -> Result<Llama> {
         final_norm: move_dense(&model.final_norm)?,
         lm_head: model.lm_head.as_ref().map(move_dense).transpose()?,
         device: device.clone(),
+        fusions: model.fusions,
     })
 }
 
@@ -135,6 +137,7 @@ pub fn random_nf4_llama(
         layers,
         final_norm: ones()?,
         device: device.clone(),
+        fusions: Fusions::default(),
     })
 }
 

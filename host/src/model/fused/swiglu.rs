@@ -1,0 +1,261 @@
+//! SwiGLU as one op: `silu(gate) · up`, math in f32, for f32 or bf16 tensors of one shape (the
+//! output keeps their dtype). Unfused, the forward is two passes (silu, product) and its
+//! backward about eight; fused, each direction is one pass per output. The CPU loops below
+//! are the reference the CUDA kernels (`gpu/swiglu.cu`) mirror formula for formula.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{Element, cpu_pass, each_dtype};
+
+/// `silu(gate) · up`, differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+        candle_core::bail!(
+            "swiglu: gate {:?} {:?} and up {:?} {:?} differ",
+            gate.dims(),
+            gate.dtype(),
+            up.dims(),
+            up.dtype()
+        );
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+}
+
+/// The chain [`swiglu`] replaces (kept for the before/after measurement).
+pub fn swiglu_unfused(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.silu()? * up
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `out = silu(gate) · up`.
+pub fn forward_values<T: Element>(gate: &[T], up: &[T], out: &mut [T]) {
+    out.par_iter_mut()
+        .zip(gate.par_iter().zip(up))
+        .for_each(|(o, (g, u))| {
+            let g = g.widen();
+            *o = T::narrow(g * sigmoid(g) * u.widen());
+        });
+}
+
+/// `out = grad · up · silu'(gate)`, `silu'(x) = s (1 + x (1 - s))` with `s = sigmoid(x)`.
+pub fn grad_gate_values<T: Element>(gate: &[T], up: &[T], grad: &[T], out: &mut [T]) {
+    out.par_iter_mut()
+        .zip(gate.par_iter().zip(up.par_iter().zip(grad)))
+        .for_each(|(o, (g, (u, d)))| {
+            let g = g.widen();
+            let s = sigmoid(g);
+            *o = T::narrow(d.widen() * u.widen() * (s * (1.0 + g * (1.0 - s))));
+        });
+}
+
+/// `out = grad · silu(gate)`.
+pub fn grad_up_values<T: Element>(gate: &[T], grad: &[T], out: &mut [T]) {
+    out.par_iter_mut()
+        .zip(gate.par_iter().zip(grad))
+        .for_each(|(o, (g, d))| {
+            let g = g.widen();
+            *o = T::narrow(d.widen() * (g * sigmoid(g)));
+        });
+}
+
+/// Which gradient [`SwigluGrad`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrt {
+    Gate,
+    Up,
+}
+
+struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_pass(self.name(), &[(s1, l1), (s2, l2)], |inputs| {
+            each_dtype!(inputs, |v, out| forward_values(v[0], v[1], &mut out))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::gpu::swiglu::{Pass, run};
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("swiglu: the inputs' shapes differ");
+        }
+        let out = run(
+            Pass::Forward,
+            &[(s1, l1), (s2, l2)],
+            l1.shape().elem_count(),
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?.to_dtype(gate.dtype())?;
+        let d_gate = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad(Wrt::Gate))?;
+        let d_up = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad(Wrt::Up))?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// `(gate, up, grad) -> d gate` or `d up`.
+struct SwigluGrad(Wrt);
+
+impl CustomOp3 for SwigluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let wrt = self.0;
+        cpu_pass(self.name(), &[(s1, l1), (s2, l2), (s3, l3)], |inputs| {
+            each_dtype!(inputs, |v, out| match wrt {
+                Wrt::Gate => grad_gate_values(v[0], v[1], v[2], &mut out),
+                Wrt::Up => grad_up_values(v[0], v[2], &mut out),
+            })
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use crate::gpu::swiglu::{Pass, run};
+        if l1.dims() != l2.dims() || l1.dims() != l3.dims() {
+            candle_core::bail!("swiglu backward: the inputs' shapes differ");
+        }
+        let n = l1.shape().elem_count();
+        let out = match self.0 {
+            Wrt::Gate => run(Pass::GradGate, &[(s1, l1), (s2, l2), (s3, l3)], n)?,
+            Wrt::Up => run(Pass::GradUp, &[(s1, l1), (s3, l3)], n)?,
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random(dims: &[usize], seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-6.0..6.0)).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// `max |a - b| / max |b|`.
+    fn scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let flat = |t: &Tensor| -> Vec<f32> {
+            let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            t.to_vec1().unwrap()
+        };
+        let (a, b) = (flat(a), flat(b));
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// Output and both gradients, through `Σ out · weights`, of the inputs made by `seed` in
+    /// `dtype`, fused or candle's `silu() * up`.
+    fn run(dtype: DType, fused: bool) -> [Tensor; 3] {
+        let dims = [3, 5, 37];
+        let input = |seed| {
+            random(&dims, seed)
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(dtype)
+        };
+        let (gate, up, weights) = (input(1).unwrap(), input(2).unwrap(), input(3).unwrap());
+        let (g, u) = (
+            Var::from_tensor(&gate).unwrap(),
+            Var::from_tensor(&up).unwrap(),
+        );
+        let out = match fused {
+            true => swiglu(g.as_tensor(), u.as_tensor()).unwrap(),
+            false => swiglu_unfused(g.as_tensor(), u.as_tensor()).unwrap(),
+        };
+        assert_eq!(out.dtype(), dtype);
+        let loss = (&out * &weights).unwrap().to_dtype(DType::F32).unwrap();
+        let grads = loss.sum_all().unwrap().backward().unwrap();
+        let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+        [out, grad(&g), grad(&u)]
+    }
+
+    #[test]
+    fn matches_candles_chain_in_f32() {
+        let (fused, plain) = (run(DType::F32, true), run(DType::F32, false));
+        for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            let d = scaled_diff(a, b);
+            assert!(d < 1e-6, "output/grad {i}: {d}");
+        }
+    }
+
+    #[test]
+    fn in_bf16_it_is_nearer_the_f32_values_than_candles_chain() {
+        // The same bf16-exact inputs: f32 math is the reference. candle rounds each step of
+        // silu and of its derivative to bf16; the fused op rounds once, at the end.
+        let reference = run(DType::F32, false);
+        let (fused, plain) = (run(DType::BF16, true), run(DType::BF16, false));
+        for i in 0..3 {
+            let ours = scaled_diff(&fused[i], &reference[i]);
+            let theirs = scaled_diff(&plain[i], &reference[i]);
+            assert!(
+                ours < 4e-3 && ours <= theirs,
+                "output/grad {i}: {ours} vs candle {theirs}"
+            );
+        }
+    }
+
+    #[test]
+    fn mismatched_inputs_are_errors() {
+        let a = random(&[2, 3], 0);
+        assert!(swiglu(&a, &random(&[3, 2], 0)).is_err());
+        assert!(swiglu(&a, &a.to_dtype(DType::BF16).unwrap()).is_err());
+        let ints = Tensor::zeros((2, 3), DType::U32, &Device::Cpu).unwrap();
+        assert!(swiglu(&ints, &ints).is_err());
+    }
+}
