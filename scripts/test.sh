@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test this project has that runs without a GPU, on a fresh Debian machine with rustup.
-# It installs what it needs first (the pinned toolchain and the thumb target; the firmware step
-# installs qemu-system-arm and defmt-print), then runs: format check, clippy -D warnings, all host
-# tests, the no_std build of the core for thumbv7em-none-eabihf, and the firmware in QEMU.
+# It installs what it needs first (the pinned toolchain and the thumb target; g++ for the CUDA
+# kernels' CPU emulation; the firmware step installs qemu-system-arm and defmt-print), then runs:
+# format check, clippy -D warnings, all host tests, the no_std build of the core for
+# thumbv7em-none-eabihf, and the firmware in QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,20 @@ command -v rustup >/dev/null || { echo "rustup is required: https://rustup.rs" >
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
 rustup target add thumbv7em-none-eabihf >/dev/null
 rustup component add rustfmt clippy >/dev/null
+
+step "a C++20 compiler (host/tests/cuda_kernels_emulated.rs runs the CUDA kernels on the CPU)"
+if printf '#include <barrier>\nint main() { std::barrier b(1); }\n' |
+    "${CXX:-c++}" -std=c++20 -x c++ -fsyntax-only - 2>/dev/null; then
+    echo "$("${CXX:-c++}" --version | head -n 1)"
+else
+    apt_cmd="apt-get install -y --no-install-recommends g++"
+    echo "no C++20 compiler: installing one ($apt_cmd)"
+    if [ "$(id -u)" -eq 0 ]; then as_root=(); else as_root=(sudo); fi
+    { "${as_root[@]}" apt-get update && "${as_root[@]}" $apt_cmd; } || {
+        echo "could not install g++; run: sudo $apt_cmd" >&2
+        exit 1
+    }
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

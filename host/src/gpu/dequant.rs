@@ -114,38 +114,3 @@ fn check_aligned<T>(
 
 // The kernel indexes the dynamic map with a u8 and the NF4 table with a nibble.
 const _: () = assert!(CODE_LEN == 256 && nf4::CODE.len() == 16);
-
-#[cfg(test)]
-mod tests {
-    use half::bf16;
-
-    /// The kernel's `bf16_bits_rne`, line for line in Rust. The CUDA copy only runs on a GPU;
-    /// this checks the algorithm it transcribes against `half`, which the CPU path uses.
-    fn bf16_bits_rne(value: f32) -> u16 {
-        let x = value.to_bits();
-        if (x & 0x7fff_ffff) > 0x7f80_0000 {
-            return ((x >> 16) | 0x0040) as u16;
-        }
-        if (x & 0x8000) != 0 && (x & 0x1_7fff) != 0 {
-            return ((x >> 16) + 1) as u16;
-        }
-        (x >> 16) as u16
-    }
-
-    #[test]
-    fn bf16_rounding_matches_half() {
-        // Every upper half, with the lower halves where rounding decides: zero, just below,
-        // exactly at and just above one half, the maximum, and two arbitrary ones.
-        for hi in 0..=0xffffu32 {
-            for lo in [0, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x1234, 0xc0de] {
-                let v = f32::from_bits((hi << 16) | lo);
-                assert_eq!(
-                    bf16_bits_rne(v),
-                    bf16::from_f32(v).to_bits(),
-                    "bits {:#010x}",
-                    v.to_bits()
-                );
-            }
-        }
-    }
-}

@@ -1,0 +1,761 @@
+//! The CUDA C kernels of `src/gpu` run on CPU threads under an emulation of the CUDA thread
+//! model (`tests/cuda_emu`: blocks, threads, `__syncthreads`, warp shuffles, `__shared__`), and
+//! compared with this project's CPU reference. CI has no GPU and no CUDA toolkit, so this is
+//! where the kernels' logic (indexing, reductions, rounding on the bits, ragged ends) is
+//! checked; their speed is not.
+//!
+//! The harness is the same kernel source text compiled by the host's C++20 compiler (`CXX`, or
+//! `c++`) once per test process, with AddressSanitizer and UBSan (any read or write past a
+//! buffer, any misaligned vector access fails the launch); one test builds it again with
+//! ThreadSanitizer, which finds a missing `__syncthreads`. Without a compiler the tests fail:
+//! they must not disappear from CI quietly.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use half::bf16;
+use qdylora::model::fused::{softmax, swiglu};
+use qdylora_core::nf4;
+use qdylora_formats::Nf4Weight;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+// ---- The driver: compile the harness, write a launch file, run it, read the buffers back.
+
+/// A kernel argument, in the kernel's parameter order.
+enum Arg {
+    /// A device buffer: its bytes before the launch (read back after it).
+    Buf(Vec<u8>),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// How the harness binary is instrumented.
+#[derive(Clone, Copy)]
+enum Sanitizer {
+    /// AddressSanitizer and UBSan: out-of-bounds accesses, misaligned vector accesses.
+    Address,
+    /// ThreadSanitizer: data races, such as a read of shared memory with no barrier after the
+    /// write.
+    Thread,
+}
+
+impl Sanitizer {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Self::Address => &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+            Self::Thread => &["-fsanitize=thread"],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Address => "asan",
+            Self::Thread => "tsan",
+        }
+    }
+}
+
+/// Compiles `tests/cuda_emu/harness.cpp` (which includes the kernels from `src/gpu`) into
+/// `out` with `compiler`. The binary appears under its name only once complete.
+fn compile_harness(compiler: &OsStr, sanitizer: Sanitizer, out: &Path) -> Result<(), String> {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let partial = out.with_extension(format!("partial-{}", std::process::id()));
+    let output = Command::new(compiler)
+        // -ffp-contract=off: NVRTC runs with --fmad=false, so nothing is fused into an FMA.
+        // -fno-strict-aliasing: the kernels reinterpret byte buffers as u32, float4 and uint4.
+        // -O1: the launches are small; it compiles in about half the time of -O2.
+        .args(["-std=c++20", "-O1", "-g1", "-pthread", "-ffp-contract=off"])
+        .args(["-fno-strict-aliasing", "-fno-omit-frame-pointer"])
+        .args(["-Wall", "-Wno-unknown-pragmas"])
+        .args(sanitizer.flags())
+        .arg("-I")
+        .arg(crate_dir.join("src/gpu"))
+        .arg(crate_dir.join("tests/cuda_emu/harness.cpp"))
+        .arg("-o")
+        .arg(&partial)
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run the C++ compiler {compiler:?} ({e}). These tests need a C++20 \
+                 compiler with <barrier> and the sanitizer runtimes: install the Debian package \
+                 g++ (apt-get install g++), or set CXX. They fail rather than skip."
+            )
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "{compiler:?} failed to compile the CUDA emulation harness ({}). It needs C++20 \
+             (<barrier>: g++ 11 or later) and libasan/libubsan/libtsan (part of the Debian \
+             package g++):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    std::fs::rename(&partial, out).map_err(|e| format!("renaming {partial:?}: {e}"))
+}
+
+/// The harness for `sanitizer`, compiled on first use in this process.
+fn harness(sanitizer: Sanitizer) -> &'static Path {
+    static ASAN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static TSAN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cell = match sanitizer {
+        Sanitizer::Address => &ASAN,
+        Sanitizer::Thread => &TSAN,
+    };
+    let built = cell.get_or_init(|| {
+        let compiler = std::env::var_os("CXX").unwrap_or_else(|| OsString::from("c++"));
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("cuda_emu_harness_{}", sanitizer.name()));
+        compile_harness(&compiler, sanitizer, &out).map(|()| out)
+    });
+    match built {
+        Ok(path) => path,
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// Runs `kernel` on a `grid` x `block` launch and returns the buffer arguments after it, in
+/// order, scalars left out (the harness writes back those behind non-const pointers), or the
+/// harness's error output.
+fn try_launch(
+    sanitizer: Sanitizer,
+    kernel: &str,
+    grid: u32,
+    block: u32,
+    args: &[Arg],
+) -> Result<Vec<Vec<u8>>, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut script = format!("kernel {kernel}\ngrid {grid} 1 1\nblock {block} 1 1\n");
+    let mut buffers = Vec::new();
+    for (i, arg) in args.iter().enumerate() {
+        match arg {
+            Arg::Buf(bytes) => {
+                let name = format!("arg{i}.bin");
+                std::fs::write(dir.path().join(&name), bytes).map_err(|e| e.to_string())?;
+                script += &format!("buf {name}\n");
+                buffers.push(name);
+            }
+            Arg::U32(v) => script += &format!("u32 {v}\n"),
+            Arg::U64(v) => script += &format!("u64 {v}\n"),
+            // As bits, so the kernel gets exactly this value.
+            Arg::F32(v) => script += &format!("f32 {:#010x}\n", v.to_bits()),
+        }
+    }
+    let launch_file = dir.path().join("launch.txt");
+    std::fs::write(&launch_file, script).map_err(|e| e.to_string())?;
+    let output = Command::new(harness(sanitizer))
+        .arg(&launch_file)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(format!(
+            "{kernel} ({grid} x {block}): the harness exited with {}:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    buffers
+        .iter()
+        .map(|name| std::fs::read(dir.path().join(name)).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// [`try_launch`] under AddressSanitizer, failing the test on any error.
+fn launch(kernel: &str, grid: u32, block: u32, args: &[Arg]) -> Vec<Vec<u8>> {
+    try_launch(Sanitizer::Address, kernel, grid, block, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+// ---- Bytes in and out. Output buffers start as 0xff bytes (NaN in both types), so a value the
+// kernel never writes cannot pass for a right one.
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bf16_bytes(v: &[bf16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    let words = bytes.chunks_exact(4);
+    words
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn bf16s(bytes: &[u8]) -> Vec<bf16> {
+    let halves = bytes.chunks_exact(2);
+    halves
+        .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+        .collect()
+}
+
+fn u32s(bytes: &[u8]) -> Vec<u32> {
+    let words = bytes.chunks_exact(4);
+    words
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// Fails with the first few elements where `ok(i)` is false.
+fn check_all(what: &str, len: usize, ok: impl Fn(usize) -> bool, show: impl Fn(usize) -> String) {
+    let bad: Vec<usize> = (0..len).filter(|&i| !ok(i)).collect();
+    if !bad.is_empty() {
+        let first: Vec<String> = bad.iter().take(8).map(|&i| show(i)).collect();
+        panic!(
+            "{what}: {} of {len} values differ; first: {}",
+            bad.len(),
+            first.join("; ")
+        );
+    }
+}
+
+fn same_bits_f32(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    check_all(
+        what,
+        want.len(),
+        |i| got[i].to_bits() == want[i].to_bits(),
+        |i| {
+            format!(
+                "[{i}] got {:e} ({:#010x}) want {:e}",
+                got[i],
+                got[i].to_bits(),
+                want[i]
+            )
+        },
+    );
+}
+
+fn same_bits_bf16(what: &str, got: &[bf16], want: &[bf16]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    check_all(
+        what,
+        want.len(),
+        |i| got[i].to_bits() == want[i].to_bits(),
+        |i| {
+            format!(
+                "[{i}] got {:#06x} want {:#06x}",
+                got[i].to_bits(),
+                want[i].to_bits()
+            )
+        },
+    );
+}
+
+/// Steps between two bf16 values on the number line (+0 and -0 are the same point).
+fn bf16_ulps(a: bf16, b: bf16) -> u32 {
+    let line = |x: bf16| {
+        let bits = i32::from(x.to_bits());
+        if bits & 0x8000 != 0 {
+            -(bits & 0x7fff)
+        } else {
+            bits
+        }
+    };
+    line(a).abs_diff(line(b))
+}
+
+// ---- NF4 + double-quant dequantization (nf4_dequant.cu): bit for bit with qdylora-core.
+
+/// Values with a scale that changes every 997 elements, so the absmax blocks and the nested
+/// blocks differ, including all-zero blocks.
+fn weight_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let scales = [1e-3f32, 0.02, 1.0, 30.0, 0.0];
+    (0..n)
+        .map(|i| rng.random_range(-1.0f32..1.0) * scales[(i / 997) % scales.len()])
+        .collect()
+}
+
+/// The kernel's arguments for `w`, in `dequant.rs`'s order, with `out` as the output.
+fn dequant_args(w: &Nf4Weight, out: Vec<u8>) -> Vec<Arg> {
+    let n = w.rows * w.cols;
+    vec![
+        Arg::Buf(w.packed.clone()),
+        Arg::Buf(w.absmax_codes.clone()),
+        Arg::Buf(f32_bytes(&w.nested_absmax)),
+        Arg::Buf(f32_bytes(&w.code8[..])),
+        Arg::Buf(f32_bytes(&nf4::CODE)),
+        Arg::F32(w.offset),
+        Arg::U32(w.blocksize.trailing_zeros()),
+        Arg::U64(n as u64),
+        Arg::Buf(out),
+    ]
+}
+
+/// `grid_for` in `weight.rs`: one thread per group of 8 values, capped at `max_grid` blocks
+/// (small here, so that the grid-stride loop goes round more than once).
+fn dequant_grid(n: usize, block: u32, max_grid: u32) -> u32 {
+    let blocks = n.div_ceil(8).div_ceil(block as usize);
+    u32::try_from(blocks).unwrap().clamp(1, max_grid)
+}
+
+#[test]
+fn nf4_dequantization_matches_the_core_bit_for_bit() {
+    // (rows, cols, blocksize, threads per block, max grid)
+    let cases = [
+        (1, 1, 64, 256, 3),      // one value: only the ragged end
+        (1, 7, 32, 256, 3),      // less than one group
+        (3, 3, 32, 256, 3),      // one group and one ragged value
+        (64, 300, 64, 256, 3),   // 300 blocks: the nested absmax index moves; loop wraps 3 times
+        (37, 111, 64, 256, 3),   // ragged, not a multiple of the blocksize
+        (129, 257, 32, 256, 4),  // 1,037 blocks of 32 (5 nested), ragged
+        (100, 333, 128, 256, 2), // 261 blocks of 128, ragged
+        (3, 5001, 4096, 256, 3), // the largest blocksize, ragged
+        (16, 4096, 256, 96, 5),  // 96 threads: the table fill loops three times
+    ];
+    for (seed, &(rows, cols, blocksize, block, max_grid)) in cases.iter().enumerate() {
+        let n = rows * cols;
+        let w = Nf4Weight::quantize(rows, cols, &weight_values(n, seed as u64), blocksize).unwrap();
+        let mut want = vec![0.0f32; n];
+        nf4::dequantize(&w.packed, &w.absmax(), blocksize, &mut want).unwrap();
+        let want_bf16: Vec<bf16> = want.iter().map(|&v| bf16::from_f32(v)).collect();
+        let grid = dequant_grid(n, block, max_grid);
+        let case = format!("{rows}x{cols} blocksize {blocksize}, grid {grid} x {block}");
+
+        let out = launch(
+            "nf4_dq_dequantize_f32",
+            grid,
+            block,
+            &dequant_args(&w, vec![0xff; 4 * n]),
+        );
+        same_bits_f32(&format!("f32, {case}"), &f32s(&out[5]), &want);
+
+        let out = launch(
+            "nf4_dq_dequantize_bf16",
+            grid,
+            block,
+            &dequant_args(&w, vec![0xff; 2 * n]),
+        );
+        same_bits_bf16(&format!("bf16, {case}"), &bf16s(&out[5]), &want_bf16);
+    }
+}
+
+/// Both copies of the kernels' `bf16_bits_rne` (in `nf4_dequant.cu` and `elements.cuh`) round
+/// as `half::bf16::from_f32` does: every upper half with the lower halves where rounding
+/// decides (zero, just below, at and just above one half, the maximum), so every NaN, infinity,
+/// subnormal and tie of both parities.
+#[test]
+fn the_kernels_bf16_rounding_matches_half() {
+    let bits: Vec<u32> = (0..=0xffffu32)
+        .flat_map(|hi| [0, 1, 0x7fff, 0x8000, 0x8001, 0xffff].map(|lo| (hi << 16) | lo))
+        .collect();
+    let want: Vec<u16> = bits
+        .iter()
+        .map(|&b| bf16::from_f32(f32::from_bits(b)).to_bits())
+        .collect();
+    for kernel in ["bf16_rounding_of_nf4_dequant", "bf16_rounding_of_elements"] {
+        let args = [
+            Arg::Buf(bits.iter().flat_map(|b| b.to_le_bytes()).collect()),
+            Arg::Buf(vec![0xff; 2 * bits.len()]),
+            Arg::U64(bits.len() as u64),
+        ];
+        let got = bf16s(&launch(kernel, 4, 256, &args)[1]);
+        check_all(
+            kernel,
+            bits.len(),
+            |i| got[i].to_bits() == want[i],
+            |i| {
+                format!(
+                    "{:#010x}: got {:#06x} want {:#06x}",
+                    bits[i],
+                    got[i].to_bits(),
+                    want[i]
+                )
+            },
+        );
+    }
+}
+
+// ---- Causal softmax (causal_softmax.cu) against model::fused::softmax's rows.
+
+/// One warp per row, four rows per block (`warp_per_row_grid` in `gpu/fused.rs`).
+const SOFTMAX_BLOCK: u32 = 128;
+
+/// A batch of attention scores: `heads` sequences of `tq` rows of `tk` keys.
+struct SoftmaxCase {
+    heads: usize,
+    tq: usize,
+    tk: usize,
+    scale: f32,
+    /// Scores are uniform in `centre ± 30`.
+    centre: f32,
+}
+
+const SOFTMAX_CASES: [SoftmaxCase; 7] = [
+    SoftmaxCase {
+        heads: 3,
+        tq: 7,
+        tk: 7,
+        scale: 0.125,
+        centre: 0.0,
+    }, // last block: 1 row of 4
+    SoftmaxCase {
+        heads: 2,
+        tq: 5,
+        tk: 40,
+        scale: 0.125,
+        centre: 0.0,
+    }, // tq < tk
+    SoftmaxCase {
+        heads: 2,
+        tq: 45,
+        tk: 45,
+        scale: 0.125,
+        centre: 0.0,
+    }, // not a multiple of 32
+    SoftmaxCase {
+        heads: 2,
+        tq: 150,
+        tk: 150,
+        scale: 0.125,
+        centre: 0.0,
+    }, // longer than 4 warps
+    SoftmaxCase {
+        heads: 3,
+        tq: 1,
+        tk: 200,
+        scale: 0.125,
+        centre: 0.0,
+    }, // one query (decoding)
+    SoftmaxCase {
+        heads: 1,
+        tq: 33,
+        tk: 161,
+        scale: 0.125,
+        centre: 0.0,
+    }, // tq < tk, both ragged
+    SoftmaxCase {
+        heads: 1,
+        tq: 40,
+        tk: 40,
+        scale: 1.0,
+        centre: 90.0,
+    }, // exp overflows unless max goes first
+];
+
+impl SoftmaxCase {
+    fn rows(&self) -> usize {
+        self.heads * self.tq
+    }
+
+    fn grid(&self) -> u32 {
+        u32::try_from(self.rows().div_ceil(4)).unwrap()
+    }
+
+    fn scalars(&self) -> [Arg; 4] {
+        [
+            Arg::U32(u32::try_from(self.rows()).unwrap()),
+            Arg::U32(u32::try_from(self.tq).unwrap()),
+            Arg::U32(u32::try_from(self.tk).unwrap()),
+            Arg::F32(self.scale),
+        ]
+    }
+
+    /// Random scores and probability gradients.
+    fn inputs(&self, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let len = self.rows() * self.tk;
+        let scores = (0..len)
+            .map(|_| self.centre + rng.random_range(-30.0f32..30.0))
+            .collect();
+        let grads = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        (scores, grads)
+    }
+
+    fn describe(&self) -> String {
+        let Self {
+            heads,
+            tq,
+            tk,
+            scale,
+            centre,
+        } = self;
+        format!("{heads} x [{tq}, {tk}], scale {scale}, scores {centre} ± 30")
+    }
+}
+
+/// The bound on |kernel - reference| of a score gradient `scale · p_j · (g_j - Σ p·g)` from
+/// the f32 rounding of two differently ordered sums: relative 1e-5 of the result and of the
+/// two terms whose difference it is (they can cancel).
+fn grad_tolerance(probs: &[f32], grads: &[f32], want: &[f32], scale: f32, tk: usize) -> Vec<f32> {
+    let rows = probs.chunks(tk).zip(grads.chunks(tk)).zip(want.chunks(tk));
+    rows.flat_map(|((p, g), d)| {
+        let dot_bound: f32 = p.iter().zip(g).map(|(p, g)| p * g.abs()).sum();
+        (0..tk).map(move |j| 1e-5 * (d[j].abs() + scale * p[j] * (g[j].abs() + dot_bound)))
+    })
+    .collect()
+}
+
+#[test]
+fn causal_softmax_f32_matches_the_cpu_rows() {
+    for (seed, case) in SOFTMAX_CASES.iter().enumerate() {
+        let (scores, grads) = case.inputs(seed as u64);
+        let (tq, tk, scale) = (case.tq, case.tk, case.scale);
+        let len = scores.len();
+        let mut probs = vec![0.0f32; len];
+        softmax::forward_rows(&scores, &mut probs, tq, tk, scale);
+        let mut want_grad = vec![0.0f32; len];
+        softmax::backward_rows(&scores, &grads, &mut want_grad, tq, tk, scale);
+
+        let mut args = vec![Arg::Buf(f32_bytes(&scores)), Arg::Buf(vec![0xff; 4 * len])];
+        args.extend(case.scalars());
+        let got = f32s(&launch("causal_softmax_fwd_f32", case.grid(), SOFTMAX_BLOCK, &args)[1]);
+        // Masked keys must be exactly 0 in both: the bound is 0 there.
+        check_all(
+            &format!("forward f32, {}", case.describe()),
+            len,
+            |i| (got[i] - probs[i]).abs() <= 1e-5 * probs[i].abs(),
+            |i| format!("[{i}] got {:e} want {:e}", got[i], probs[i]),
+        );
+
+        let mut args = vec![
+            Arg::Buf(f32_bytes(&scores)),
+            Arg::Buf(f32_bytes(&grads)),
+            Arg::Buf(vec![0xff; 4 * len]),
+        ];
+        args.extend(case.scalars());
+        let got = f32s(&launch("causal_softmax_bwd_f32", case.grid(), SOFTMAX_BLOCK, &args)[2]);
+        let tolerance = grad_tolerance(&probs, &grads, &want_grad, scale, tk);
+        check_all(
+            &format!("backward f32, {}", case.describe()),
+            len,
+            |i| (got[i] - want_grad[i]).abs() <= tolerance[i],
+            |i| format!("[{i}] got {:e} want {:e}", got[i], want_grad[i]),
+        );
+    }
+}
+
+#[test]
+fn causal_softmax_bf16_matches_the_cpu_rows_within_one_ulp() {
+    for (seed, case) in SOFTMAX_CASES.iter().enumerate() {
+        let (scores, grads) = case.inputs(100 + seed as u64);
+        let scores: Vec<bf16> = scores.iter().map(|&v| bf16::from_f32(v)).collect();
+        let grads: Vec<bf16> = grads.iter().map(|&v| bf16::from_f32(v)).collect();
+        let (tq, tk, scale) = (case.tq, case.tk, case.scale);
+        let len = scores.len();
+        let mut probs = vec![bf16::ZERO; len];
+        softmax::forward_rows(&scores, &mut probs, tq, tk, scale);
+        let mut want_grad = vec![bf16::ZERO; len];
+        softmax::backward_rows(&scores, &grads, &mut want_grad, tq, tk, scale);
+
+        let mut args = vec![Arg::Buf(bf16_bytes(&scores)), Arg::Buf(vec![0xff; 2 * len])];
+        args.extend(case.scalars());
+        let got = bf16s(&launch("causal_softmax_fwd_bf16", case.grid(), SOFTMAX_BLOCK, &args)[1]);
+        check_all(
+            &format!("forward bf16, {}", case.describe()),
+            len,
+            |i| bf16_ulps(got[i], probs[i]) <= 1,
+            |i| format!("[{i}] got {} want {}", got[i], probs[i]),
+        );
+
+        let mut args = vec![
+            Arg::Buf(bf16_bytes(&scores)),
+            Arg::Buf(bf16_bytes(&grads)),
+            Arg::Buf(vec![0xff; 2 * len]),
+        ];
+        args.extend(case.scalars());
+        let got = bf16s(&launch("causal_softmax_bwd_bf16", case.grid(), SOFTMAX_BLOCK, &args)[2]);
+        check_all(
+            &format!("backward bf16, {}", case.describe()),
+            len,
+            |i| bf16_ulps(got[i], want_grad[i]) <= 1,
+            |i| format!("[{i}] got {} want {}", got[i], want_grad[i]),
+        );
+    }
+}
+
+// ---- SwiGLU (swiglu.cu) against model::fused::swiglu: the same formulas in the same order,
+// and under the emulation the same expf (the host's) on both sides, so bit for bit. (On a GPU
+// CUDA's expf may differ by an ulp or two.)
+
+/// Threads per block of the elementwise kernels (`gpu/fused.rs`).
+const ELEMENTWISE_BLOCK: u32 = 256;
+
+#[test]
+fn swiglu_matches_the_cpu_values_bit_for_bit() {
+    // (values, grid): the grid `elementwise_grid` gives, and smaller ones so the loop wraps.
+    let cases = [(1, 1), (1000, 4), (1000, 1), (70_001, 3)];
+    for (seed, &(n, grid)) in cases.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(200 + seed as u64);
+        let mut gate: Vec<f32> = (0..n).map(|_| rng.random_range(-12.0f32..12.0)).collect();
+        // Where exp(-x) overflows or sigmoid saturates, and zero.
+        for (slot, v) in gate.iter_mut().zip([-100.0, 100.0, 0.0, -0.0, -88.0]) {
+            *slot = v;
+        }
+        let up: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let grad: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let case = format!("{n} values, grid {grid}");
+
+        let mut want = vec![0.0f32; n];
+        swiglu::forward_values(&gate, &up, &mut want);
+        let args = [
+            Arg::Buf(f32_bytes(&gate)),
+            Arg::Buf(f32_bytes(&up)),
+            Arg::Buf(vec![0xff; 4 * n]),
+            Arg::U64(n as u64),
+        ];
+        let got = f32s(&launch("swiglu_fwd_f32", grid, ELEMENTWISE_BLOCK, &args)[2]);
+        same_bits_f32(&format!("forward f32, {case}"), &got, &want);
+
+        swiglu::grad_gate_values(&gate, &up, &grad, &mut want);
+        let args = [
+            Arg::Buf(f32_bytes(&gate)),
+            Arg::Buf(f32_bytes(&up)),
+            Arg::Buf(f32_bytes(&grad)),
+            Arg::Buf(vec![0xff; 4 * n]),
+            Arg::U64(n as u64),
+        ];
+        let got = f32s(&launch("swiglu_bwd_gate_f32", grid, ELEMENTWISE_BLOCK, &args)[3]);
+        same_bits_f32(&format!("gate gradient f32, {case}"), &got, &want);
+
+        swiglu::grad_up_values(&gate, &grad, &mut want);
+        let args = [
+            Arg::Buf(f32_bytes(&gate)),
+            Arg::Buf(f32_bytes(&grad)),
+            Arg::Buf(vec![0xff; 4 * n]),
+            Arg::U64(n as u64),
+        ];
+        let got = f32s(&launch("swiglu_bwd_up_f32", grid, ELEMENTWISE_BLOCK, &args)[2]);
+        same_bits_f32(&format!("up gradient f32, {case}"), &got, &want);
+
+        // bf16 storage: the inputs rounded first, the reference on the same bf16 values.
+        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+        let (gate, up, grad) = (to_bf16(&gate), to_bf16(&up), to_bf16(&grad));
+        let mut want = vec![bf16::ZERO; n];
+        swiglu::forward_values(&gate, &up, &mut want);
+        let args = [
+            Arg::Buf(bf16_bytes(&gate)),
+            Arg::Buf(bf16_bytes(&up)),
+            Arg::Buf(vec![0xff; 2 * n]),
+            Arg::U64(n as u64),
+        ];
+        let got = bf16s(&launch("swiglu_fwd_bf16", grid, ELEMENTWISE_BLOCK, &args)[2]);
+        same_bits_bf16(&format!("forward bf16, {case}"), &got, &want);
+
+        swiglu::grad_gate_values(&gate, &up, &grad, &mut want);
+        let args = [
+            Arg::Buf(bf16_bytes(&gate)),
+            Arg::Buf(bf16_bytes(&up)),
+            Arg::Buf(bf16_bytes(&grad)),
+            Arg::Buf(vec![0xff; 2 * n]),
+            Arg::U64(n as u64),
+        ];
+        let got = bf16s(&launch("swiglu_bwd_gate_bf16", grid, ELEMENTWISE_BLOCK, &args)[3]);
+        same_bits_bf16(&format!("gate gradient bf16, {case}"), &got, &want);
+
+        swiglu::grad_up_values(&gate, &grad, &mut want);
+        let args = [
+            Arg::Buf(bf16_bytes(&gate)),
+            Arg::Buf(bf16_bytes(&grad)),
+            Arg::Buf(vec![0xff; 2 * n]),
+            Arg::U64(n as u64),
+        ];
+        let got = bf16s(&launch("swiglu_bwd_up_bf16", grid, ELEMENTWISE_BLOCK, &args)[2]);
+        same_bits_bf16(&format!("up gradient bf16, {case}"), &got, &want);
+    }
+}
+
+// ---- The emulator itself (tests/cuda_emu/selftest.cu).
+
+/// `selftest_block_sum` over `n` inputs: per-block sums and per-warp prefix sums.
+fn block_sum(sanitizer: Sanitizer, n: usize, grid: u32, block: u32) -> Result<(), String> {
+    let input: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(7919) % 1000).collect();
+    let args = [
+        Arg::Buf(input.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        Arg::Buf(vec![0xff; 4 * grid as usize]),
+        Arg::Buf(vec![0xff; 4 * n]),
+        Arg::U32(n as u32),
+    ];
+    let out = try_launch(sanitizer, "selftest_block_sum", grid, block, &args)?;
+    let sums: Vec<u32> = input
+        .chunks(block as usize)
+        .map(|c| c.iter().sum())
+        .collect();
+    assert_eq!(u32s(&out[1]), sums, "block sums");
+    let scans: Vec<u32> = (0..n)
+        .map(|i| input[i / 32 * 32..=i].iter().sum())
+        .collect();
+    assert_eq!(u32s(&out[2]), scans, "warp prefix sums");
+    Ok(())
+}
+
+#[test]
+fn the_emulator_reduces_with_shuffles_and_shared_memory() {
+    // 4 blocks of 8 warps, the last one ragged; then a block of one warp.
+    block_sum(Sanitizer::Address, 1000, 4, 256).unwrap();
+    block_sum(Sanitizer::Address, 20, 1, 32).unwrap();
+}
+
+#[test]
+fn the_emulator_fails_loudly_on_what_cuda_leaves_undefined() {
+    let out32 = || vec![Arg::Buf(vec![0; 4 * 64])];
+    let cases = [
+        ("selftest_partial_mask", out32(), "partial lane mask"),
+        (
+            "selftest_shuffle_after_exit",
+            out32(),
+            "shuffle after lanes of the warp returned",
+        ),
+        (
+            "selftest_write_past_end",
+            vec![Arg::Buf(vec![0; 4 * 10]), Arg::U32(10)],
+            "heap-buffer-overflow",
+        ),
+    ];
+    for (kernel, args, expected) in cases {
+        let err = try_launch(Sanitizer::Address, kernel, 1, 64, &args)
+            .expect_err(&format!("{kernel} must fail"));
+        assert!(err.contains(expected), "{kernel}: {err}");
+    }
+    // A block of 48 threads has a partial warp: no shuffle there.
+    let err = block_sum(Sanitizer::Address, 48, 1, 48).expect_err("a partial warp must fail");
+    assert!(err.contains("partial warp"), "{err}");
+}
+
+/// The ThreadSanitizer build sees a missing `__syncthreads` as the data race it is, whatever
+/// the timing, and the real kernels (shared tables, shuffles) have none.
+#[test]
+fn the_kernels_have_no_data_race() {
+    let input: Vec<u8> = (0..64u32).flat_map(|v| v.to_le_bytes()).collect();
+    let args = [Arg::Buf(input), Arg::Buf(vec![0; 4 * 64])];
+    let err = try_launch(Sanitizer::Thread, "selftest_missing_sync", 1, 64, &args)
+        .expect_err("a read of shared memory with no barrier after the write is a race");
+    assert!(err.contains("data race"), "{err}");
+
+    block_sum(Sanitizer::Thread, 300, 2, 256).unwrap();
+
+    let w = Nf4Weight::quantize(64, 300, &weight_values(64 * 300, 7), 64).unwrap();
+    let args = dequant_args(&w, vec![0xff; 4 * 64 * 300]);
+    try_launch(Sanitizer::Thread, "nf4_dq_dequantize_f32", 2, 256, &args).unwrap();
+
+    let case = &SOFTMAX_CASES[5];
+    let (scores, grads) = case.inputs(7);
+    let mut args = vec![
+        Arg::Buf(f32_bytes(&scores)),
+        Arg::Buf(f32_bytes(&grads)),
+        Arg::Buf(vec![0xff; 4 * scores.len()]),
+    ];
+    args.extend(case.scalars());
+    try_launch(
+        Sanitizer::Thread,
+        "causal_softmax_bwd_f32",
+        case.grid(),
+        SOFTMAX_BLOCK,
+        &args,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_missing_compiler_fails_and_names_the_package() {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emu_no_compiler");
+    let err =
+        compile_harness(OsStr::new("/nonexistent/c++"), Sanitizer::Address, &out).unwrap_err();
+    assert!(err.contains("g++"), "{err}");
+    assert!(!out.exists());
+}
