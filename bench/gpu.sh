@@ -20,6 +20,9 @@
 #   PYTHON         python with torch + CUDA (default python3)
 #   ROWS COLS BLOCKSIZE ITERS WARMUP   dequant: shape and timing (default 11008 4096 64 100 10)
 #   BATCH SEQ LAYERS STEPS WARMUP_STEPS R_MAX   train: (default 4 1024 32 6 2 64)
+#   UNFUSE                              train: the fused ops to measure "before", one run
+#                                       of ours each with that op switched off (default
+#                                       "softmax swiglu all"; empty for none)
 #   PEER_ONLY=1 / OURS_ONLY=1           train: run one side only
 #   NSYS=1                              train: also profile ours with Nsight Systems (if `nsys`
 #                                       is installed) and print its per-kernel time summary,
@@ -29,7 +32,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -72,12 +75,22 @@ need_bitsandbytes() {
 if [[ "$mode" == train ]]; then
     BATCH=${BATCH:-4} SEQ=${SEQ:-1024} LAYERS=${LAYERS:-32} STEPS=${STEPS:-6}
     WARMUP_STEPS=${WARMUP_STEPS:-2} R_MAX=${R_MAX:-64}
-    ours_json=null peer_json=null
+    ours_json=null peer_json=null unfused_json='[]'
     if [[ -z "${PEER_ONLY:-}" ]]; then
         ours=("$bin" train-bench --device cuda --shape llama7b --layers "$LAYERS" --batch "$BATCH"
             --seq "$SEQ" --r-max "$R_MAX" --alpha 16 --warmup "$WARMUP_STEPS" --steps "$STEPS")
         ours_json=$("${ours[@]}" --json)
         echo "qdylora: $ours_json"
+        # Each fusion's "before": the same run with that op unfused.
+        for off in ${UNFUSE-softmax swiglu all}; do
+            one=$("${ours[@]}" --json --unfuse "$off")
+            echo "qdylora --unfuse $off: $one"
+            unfused_json=$(UNFUSED="$unfused_json" ONE="$one" OFF="$off" "$PYTHON" -c '
+import json, os
+runs = json.loads(os.environ["UNFUSED"])
+runs.append(dict(json.loads(os.environ["ONE"]), unfuse=os.environ["OFF"]))
+print(json.dumps(runs))')
+        done
         if [[ -n "${NSYS:-}" ]]; then
             nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys 2>/dev/null || true)
             if [[ -n "$nsys" ]]; then
@@ -95,13 +108,16 @@ if [[ "$mode" == train ]]; then
         # The peer prints `RESULT {json}` last; it also runs a bf16-base LoRA and its dequant.
         peer_json=$("$PYTHON" "$here/peer_qlora.py" | tee /dev/stderr | sed -n 's/^RESULT //p')
     fi
-    OURS_JSON=$ours_json PEER_JSON=$peer_json "$PYTHON" - <<'PY'
+    OURS_JSON=$ours_json PEER_JSON=$peer_json UNFUSED_JSON=$unfused_json "$PYTHON" - <<'PY'
 import json, os
 ours = json.loads(os.environ["OURS_JSON"])
 peer = json.loads(os.environ["PEER_JSON"] or "null")
 rows = []
 if ours:
     rows.append(("qdylora QDyLoRA r_max 64 (frozen, sampled b)", ours["tokens_per_s"], ours["peak_gib"]))
+for run in json.loads(os.environ["UNFUSED_JSON"]):
+    rows.append((f"qdylora, --unfuse {run['unfuse']} (before that fusion)", run["tokens_per_s"],
+                 run["peak_gib"]))
 if peer:
     q = peer["qlora_7b_b4_s1024"]
     rows.append((f"PEFT + bnb QLoRA r 64 (bnb {peer['bnb']}, torch {peer['torch']})",

@@ -453,6 +453,34 @@ fn train_bench_reports_throughput_and_recomputation_keeps_the_loss() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--layers must be 1..=2"));
 }
 
+/// Switching a fused op off (for the before/after measurement) trains the same model: the
+/// losses agree to f32 rounding, and the report says which ops ran.
+#[test]
+fn train_bench_unfused_ops_give_the_same_losses() {
+    let fused = bench_json(&[]);
+    assert_eq!(fused["fusions"]["softmax"], true);
+    assert_eq!(fused["fusions"]["swiglu"], true);
+    for off in ["softmax", "swiglu", "all"] {
+        let unfused = bench_json(&["--unfuse", off]);
+        for op in ["softmax", "swiglu"] {
+            let on = off != "all" && off != op;
+            assert_eq!(unfused["fusions"][op], on, "--unfuse {off}: {op}");
+        }
+        let pairs = fused["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(unfused["losses"].as_array().unwrap());
+        for (a, b) in pairs {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * a,
+                "--unfuse {off}: loss {b}, fused {a}"
+            );
+        }
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn train_bench_on_cuda_without_the_feature_says_how_to_build_it() {

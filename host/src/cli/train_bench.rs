@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::device::{DeviceArg, describe, open, peak_bytes};
+use crate::model::fused::Fusions;
 use crate::model::llama::Llama;
 use crate::model::place::{BF16_LOSS_TOLERANCE, place, random_nf4_llama};
 use crate::train::data::{Dataset, Example};
@@ -88,6 +89,10 @@ pub struct Args {
     /// Adapter weights' dtype (the optimizer math is f32 either way).
     #[arg(long, value_enum, default_value = "bf16")]
     pub adapter_dtype: AdapterDtype,
+    /// Fused ops to switch off, to measure each one before and after (comma-separated;
+    /// `all` for every one).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub unfuse: Vec<FusionArg>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +103,30 @@ pub struct Args {
     /// Seed for weights, data and rank sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// A fused op `--unfuse` can switch off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FusionArg {
+    /// Every fused op.
+    All,
+    /// The attention softmax with its scale and causal mask.
+    Softmax,
+    /// The MLP's `silu(gate) · up`.
+    Swiglu,
+}
+
+/// Every fusion except those named.
+fn fusions_without(off: &[FusionArg]) -> Fusions {
+    let mut fusions = Fusions::ALL;
+    for name in off {
+        match name {
+            FusionArg::All => fusions = Fusions::NONE,
+            FusionArg::Softmax => fusions.softmax = false,
+            FusionArg::Swiglu => fusions.swiglu = false,
+        }
+    }
+    fusions
 }
 
 /// What one benchmark run measured.
@@ -117,6 +146,8 @@ pub struct BenchReport {
     pub r_max: usize,
     /// Activations' dtype.
     pub dtype: String,
+    /// Which fused ops ran.
+    pub fusions: Fusions,
     /// Per-layer activation recomputation.
     pub recompute: bool,
     /// Timed steps.
@@ -152,7 +183,7 @@ pub fn run(args: &Args) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} {:?} ({} layers), batch {} x seq {}, r_max {}, {} activations, recompute {}",
+            "{} {:?} ({} layers), batch {} x seq {}, r_max {}, {} activations, recompute {}, {:?}",
             report.device,
             report.shape,
             report.layers,
@@ -160,7 +191,8 @@ pub fn run(args: &Args) -> Result<()> {
             report.seq,
             report.r_max,
             report.dtype,
-            report.recompute
+            report.recompute,
+            report.fusions
         );
         println!(
             "{:.0} tokens/s ({:.3} s/step over {} steps, ranks {:?}), loss {:.3}",
@@ -216,11 +248,12 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         .check_against_cpu
         .then(|| random_nf4_llama(config, &Device::Cpu, DType::F32, args.blocksize, args.seed))
         .transpose()?;
-    let model = match &host {
+    let mut model = match &host {
         Some(host) => place(host, &device, dtype)?,
         None => random_nf4_llama(config, &device, dtype, args.blocksize, args.seed)
             .context("building the random model")?,
     };
+    model.fusions = fusions_without(&args.unfuse);
     device.synchronize()?;
     let build_s = started.elapsed().as_secs_f64();
 
@@ -265,6 +298,7 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         seq: args.seq,
         r_max: args.r_max,
         dtype: format!("{dtype:?}").to_lowercase(),
+        fusions: model.fusions,
         recompute: trainer.recompute,
         steps: args.steps,
         tokens_per_s: tokens / seconds,
