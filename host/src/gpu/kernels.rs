@@ -35,8 +35,10 @@ pub static NF4_DEQUANT: KernelSource =
     KernelSource::new("qdylora_nf4_dequant", with_elements!("nf4_dequant.cu"));
 
 /// The fused attention softmax, forward and backward (`causal_softmax.cu`).
-pub static CAUSAL_SOFTMAX: KernelSource =
-    KernelSource::new("qdylora_causal_softmax", with_elements!("causal_softmax.cu"));
+pub static CAUSAL_SOFTMAX: KernelSource = KernelSource::new(
+    "qdylora_causal_softmax",
+    with_elements!("causal_softmax.cu"),
+);
 
 /// The fused SwiGLU, forward and both gradients (`swiglu.cu`).
 pub static SWIGLU: KernelSource = KernelSource::new("qdylora_swiglu", with_elements!("swiglu.cu"));
