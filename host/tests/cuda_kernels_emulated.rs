@@ -16,6 +16,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use half::bf16;
+use qdylora::model::fused::softmax::Element;
 use qdylora::model::fused::{softmax, swiglu};
 use qdylora_core::nf4;
 use qdylora_formats::Nf4Weight;
@@ -590,74 +591,70 @@ fn swiglu_matches_the_cpu_values_bit_for_bit() {
         let up: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         let grad: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         let case = format!("{n} values, grid {grid}");
-
-        let mut want = vec![0.0f32; n];
-        swiglu::forward_values(&gate, &up, &mut want);
-        let args = [
-            Arg::Buf(f32_bytes(&gate)),
-            Arg::Buf(f32_bytes(&up)),
-            Arg::Buf(vec![0xff; 4 * n]),
-            Arg::U64(n as u64),
-        ];
-        let got = f32s(&launch("swiglu_fwd_f32", grid, ELEMENTWISE_BLOCK, &args)[2]);
-        same_bits_f32(&format!("forward f32, {case}"), &got, &want);
-
-        swiglu::grad_gate_values(&gate, &up, &grad, &mut want);
-        let args = [
-            Arg::Buf(f32_bytes(&gate)),
-            Arg::Buf(f32_bytes(&up)),
-            Arg::Buf(f32_bytes(&grad)),
-            Arg::Buf(vec![0xff; 4 * n]),
-            Arg::U64(n as u64),
-        ];
-        let got = f32s(&launch("swiglu_bwd_gate_f32", grid, ELEMENTWISE_BLOCK, &args)[3]);
-        same_bits_f32(&format!("gate gradient f32, {case}"), &got, &want);
-
-        swiglu::grad_up_values(&gate, &grad, &mut want);
-        let args = [
-            Arg::Buf(f32_bytes(&gate)),
-            Arg::Buf(f32_bytes(&grad)),
-            Arg::Buf(vec![0xff; 4 * n]),
-            Arg::U64(n as u64),
-        ];
-        let got = f32s(&launch("swiglu_bwd_up_f32", grid, ELEMENTWISE_BLOCK, &args)[2]);
-        same_bits_f32(&format!("up gradient f32, {case}"), &got, &want);
-
+        swiglu_kernels_match(&gate, &up, &grad, grid, &case);
         // bf16 storage: the inputs rounded first, the reference on the same bf16 values.
         let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
-        let (gate, up, grad) = (to_bf16(&gate), to_bf16(&up), to_bf16(&grad));
-        let mut want = vec![bf16::ZERO; n];
-        swiglu::forward_values(&gate, &up, &mut want);
-        let args = [
-            Arg::Buf(bf16_bytes(&gate)),
-            Arg::Buf(bf16_bytes(&up)),
-            Arg::Buf(vec![0xff; 2 * n]),
-            Arg::U64(n as u64),
-        ];
-        let got = bf16s(&launch("swiglu_fwd_bf16", grid, ELEMENTWISE_BLOCK, &args)[2]);
-        same_bits_bf16(&format!("forward bf16, {case}"), &got, &want);
-
-        swiglu::grad_gate_values(&gate, &up, &grad, &mut want);
-        let args = [
-            Arg::Buf(bf16_bytes(&gate)),
-            Arg::Buf(bf16_bytes(&up)),
-            Arg::Buf(bf16_bytes(&grad)),
-            Arg::Buf(vec![0xff; 2 * n]),
-            Arg::U64(n as u64),
-        ];
-        let got = bf16s(&launch("swiglu_bwd_gate_bf16", grid, ELEMENTWISE_BLOCK, &args)[3]);
-        same_bits_bf16(&format!("gate gradient bf16, {case}"), &got, &want);
-
-        swiglu::grad_up_values(&gate, &grad, &mut want);
-        let args = [
-            Arg::Buf(bf16_bytes(&gate)),
-            Arg::Buf(bf16_bytes(&grad)),
-            Arg::Buf(vec![0xff; 2 * n]),
-            Arg::U64(n as u64),
-        ];
-        let got = bf16s(&launch("swiglu_bwd_up_bf16", grid, ELEMENTWISE_BLOCK, &args)[2]);
-        same_bits_bf16(&format!("up gradient bf16, {case}"), &got, &want);
+        swiglu_kernels_match(&to_bf16(&gate), &to_bf16(&up), &to_bf16(&grad), grid, &case);
     }
+}
+
+/// A storage type of the fused kernels, as the launch files carry it.
+trait Stored: Element {
+    /// The kernels' name suffix.
+    const SUFFIX: &'static str;
+    /// Bytes per value.
+    const SIZE: usize;
+    fn to_bytes(v: &[Self]) -> Vec<u8>;
+    fn from_bytes(bytes: &[u8]) -> Vec<Self>;
+    fn same_bits(what: &str, got: &[Self], want: &[Self]);
+}
+
+impl Stored for f32 {
+    const SUFFIX: &'static str = "f32";
+    const SIZE: usize = 4;
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        f32_bytes(v)
+    }
+    fn from_bytes(bytes: &[u8]) -> Vec<Self> {
+        f32s(bytes)
+    }
+    fn same_bits(what: &str, got: &[Self], want: &[Self]) {
+        same_bits_f32(what, got, want)
+    }
+}
+
+impl Stored for bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const SIZE: usize = 2;
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        bf16_bytes(v)
+    }
+    fn from_bytes(bytes: &[u8]) -> Vec<Self> {
+        bf16s(bytes)
+    }
+    fn same_bits(what: &str, got: &[Self], want: &[Self]) {
+        same_bits_bf16(what, got, want)
+    }
+}
+
+/// The forward and both gradient kernels of SwiGLU in `T` against the CPU values, bit for bit.
+fn swiglu_kernels_match<T: Stored>(gate: &[T], up: &[T], grad: &[T], grid: u32, case: &str) {
+    let n = gate.len();
+    let check = |pass: &str, inputs: &[&[T]], want: &[T]| {
+        let mut args: Vec<Arg> = inputs.iter().map(|v| Arg::Buf(T::to_bytes(v))).collect();
+        args.push(Arg::Buf(vec![0xff; T::SIZE * n]));
+        args.push(Arg::U64(n as u64));
+        let kernel = format!("swiglu_{pass}_{}", T::SUFFIX);
+        let out = &launch(&kernel, grid, ELEMENTWISE_BLOCK, &args)[inputs.len()];
+        T::same_bits(&format!("{kernel}, {case}"), &T::from_bytes(out), want);
+    };
+    let mut want = vec![T::narrow(0.0); n];
+    swiglu::forward_values(gate, up, &mut want);
+    check("fwd", &[gate, up], &want);
+    swiglu::grad_gate_values(gate, up, grad, &mut want);
+    check("bwd_gate", &[gate, up, grad], &want);
+    swiglu::grad_up_values(gate, grad, &mut want);
+    check("bwd_up", &[gate, grad], &want);
 }
 
 // ---- The emulator itself (tests/cuda_emu/selftest.cu).

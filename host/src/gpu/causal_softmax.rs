@@ -64,7 +64,7 @@ pub fn forward(
     let (scalars, cfg, len) = shape.launch(scale)?;
     // SAFETY: `causal_softmax_fwd_*(scores, probs, rows, tq, tk, scale)` reads `rows * tk`
     // scores and writes as many probabilities (masked keys as 0), with `0 < tq <= tk`.
-    unsafe { FORWARD.launch(&[(scores, layout, len)], len, &scalars, cfg) }
+    unsafe { FORWARD.launch(&[(scores, layout)], len, &scalars, cfg) }
 }
 
 /// Score gradients from `scores` and the probabilities' gradients (same dtype and shape).
@@ -77,7 +77,7 @@ pub fn backward(
     scale: f32,
 ) -> candle_core::Result<CudaStorage> {
     let (scalars, cfg, len) = shape.launch(scale)?;
-    let inputs = [(scores, scores_layout, len), (grad_probs, grad_layout, len)];
+    let inputs = [(scores, scores_layout), (grad_probs, grad_layout)];
     // SAFETY: `causal_softmax_bwd_*(scores, grad_probs, grad_scores, rows, tq, tk, scale)`
     // reads `rows * tk` values of each input and writes as many, with `0 < tq <= tk`.
     unsafe { BACKWARD.launch(&inputs, len, &scalars, cfg) }

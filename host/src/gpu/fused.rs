@@ -33,20 +33,20 @@ pub struct FusedKernel {
 }
 
 impl FusedKernel {
-    /// Runs the kernel over contiguous `inputs` (all of one dtype, each with `len` values or
-    /// the length given beside it) into a new output of `len` values in the same dtype.
+    /// Runs the kernel over contiguous `inputs` (all of one dtype, each holding `len` values)
+    /// into a new output of `len` values in the same dtype.
     ///
     /// # Safety
     /// The kernel's signature must be `(inputs..., out, scalars...)` with these types, it must
     /// write all `len` output values, and read no input past the lengths given here.
     pub unsafe fn launch(
         &self,
-        inputs: &[(&CudaStorage, &Layout, usize)],
+        inputs: &[(&CudaStorage, &Layout)],
         len: usize,
         scalars: &[Scalar],
         cfg: LaunchConfig,
     ) -> candle_core::Result<CudaStorage> {
-        let Some((first, _, _)) = inputs.first() else {
+        let Some((first, _)) = inputs.first() else {
             candle_core::bail!("{}: no inputs", self.name);
         };
         // SAFETY: passed on from this function's contract.
@@ -62,14 +62,14 @@ impl FusedKernel {
     unsafe fn typed<T: CudaDType + DeviceRepr>(
         &self,
         suffix: &str,
-        inputs: &[(&CudaStorage, &Layout, usize)],
+        inputs: &[(&CudaStorage, &Layout)],
         len: usize,
         scalars: &[Scalar],
         cfg: LaunchConfig,
     ) -> candle_core::Result<CudaStorage> {
         let views = inputs
             .iter()
-            .map(|(storage, layout, n)| view::<T>(self.name, storage, layout, *n))
+            .map(|(storage, layout)| view::<T>(self.name, storage, layout, len))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let dev = inputs[0].0.device().clone();
         let func = self
@@ -92,7 +92,7 @@ impl FusedKernel {
             };
         }
         // SAFETY: the caller's contract on the signature and the lengths; every view holds
-        // exactly the values its length promised (checked in `view`).
+        // exactly `len` values (checked in `view`).
         unsafe { args.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }

@@ -81,16 +81,8 @@ pub fn peak_bytes(dev: &CudaDevice) -> Result<u64> {
 pub fn reset_peak(dev: &CudaDevice) -> Result<()> {
     if let Some(pool) = current_pool(dev)? {
         // The driver accepts only 0 here, and resets the mark to the current use.
-        let mut zero: u64 = 0;
-        // SAFETY: `pool` is the device's current pool; USED_MEM_HIGH takes a cuuint64_t.
-        unsafe {
-            result::mem_pool::set_attribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut zero as *mut u64).cast::<c_void>(),
-            )
-        }
-        .context("resetting the memory pool's high-water mark")?;
+        set_pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
+            .context("resetting the memory pool's high-water mark")?;
     }
     Ok(())
 }
@@ -101,18 +93,24 @@ pub fn reset_peak(dev: &CudaDevice) -> Result<()> {
 /// reserves, not the used-bytes figures. [`Gpu::open`](super::Gpu::open) calls it.
 pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
     if let Some(pool) = current_pool(dev)? {
-        let mut threshold = u64::MAX;
-        // SAFETY: `pool` is the device's current pool; RELEASE_THRESHOLD takes a cuuint64_t.
-        unsafe {
-            result::mem_pool::set_attribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast::<c_void>(),
-            )
-        }
-        .context("setting the memory pool's release threshold")?;
+        let attr = CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        set_pool_attribute(pool, attr, u64::MAX)
+            .context("setting the memory pool's release threshold")?;
     }
     Ok(())
+}
+
+/// Sets one of the pool's 64-bit attributes (`USED_MEM_HIGH`, `RELEASE_THRESHOLD`).
+fn set_pool_attribute(
+    pool: CUmemoryPool,
+    attr: CUmemPool_attribute,
+    mut value: u64,
+) -> std::result::Result<(), result::DriverError> {
+    // SAFETY: `pool` is a live pool from `current_pool`; both attributes this is called with
+    // take a cuuint64_t, which `value` is.
+    unsafe {
+        result::mem_pool::set_attribute(pool, attr, (&mut value as *mut u64).cast::<c_void>())
+    }
 }
 
 /// The pool `cuMemAllocAsync` draws from on `dev`, after waiting for the stream (so frees

@@ -51,11 +51,10 @@ pub fn run(
             pass.inputs()
         );
     }
-    let inputs: Vec<_> = inputs.iter().map(|(s, l)| (*s, *l, n)).collect();
     // SAFETY: each kernel's signature is (inputs..., out, u64 n) with the input count checked
     // above; it reads and writes exactly `n` values of each (grid-stride loop).
     unsafe {
         pass.kernel()
-            .launch(&inputs, n, &[Scalar::U64(n as u64)], elementwise_grid(n))
+            .launch(inputs, n, &[Scalar::U64(n as u64)], elementwise_grid(n))
     }
 }

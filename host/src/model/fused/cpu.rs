@@ -48,12 +48,9 @@ pub fn cpu_pass(
     inputs: &[(&CpuStorage, &Layout)],
     f: impl Fn(Inputs<'_>) -> CpuStorage,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (first, layout) = inputs[0];
-    let shape = layout.shape().clone();
-    if inputs.iter().any(|(_, l)| l.dims() != shape.dims()) {
-        candle_core::bail!("{op}: the inputs' shapes differ");
-    }
-    let values = match first.dtype() {
+    let layouts: Vec<&Layout> = inputs.iter().map(|(_, l)| *l).collect();
+    let shape = super::common_shape(op, &layouts)?.clone();
+    let values = match inputs[0].0.dtype() {
         DType::F32 => Inputs::F32(
             inputs
                 .iter()

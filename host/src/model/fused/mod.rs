@@ -6,6 +6,19 @@ mod cpu;
 pub mod softmax;
 pub mod swiglu;
 
+use candle_core::{Layout, Shape};
+
+/// The one shape all of a fused op's inputs have (CPU and CUDA alike); an error naming `op`
+/// when they differ.
+fn common_shape<'a>(op: &str, layouts: &[&'a Layout]) -> candle_core::Result<&'a Shape> {
+    let first = layouts[0].shape();
+    if layouts.iter().any(|l| l.shape() != first) {
+        let shapes: Vec<_> = layouts.iter().map(|l| l.dims()).collect();
+        candle_core::bail!("{op}: the inputs' shapes differ: {shapes:?}");
+    }
+    Ok(first)
+}
+
 /// Which fused ops the model uses. All on by default; the benchmark switches them off one at a
 /// time to measure what each one gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

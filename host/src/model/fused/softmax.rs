@@ -177,10 +177,7 @@ impl CustomOp2 for CausalSoftmaxBackward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, tq, tk) = check_shape(l1.dims())?;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("causal softmax backward: shapes {l1:?} and {l2:?} differ");
-        }
+        let (rows, tq, tk) = check_shape(super::common_shape(self.name(), &[l1, l2])?.dims())?;
         let shape = crate::gpu::causal_softmax::Rows { rows, tq, tk };
         let out = crate::gpu::causal_softmax::backward(s1, l1, s2, l2, shape, self.scale)?;
         Ok((out, l1.shape().clone()))

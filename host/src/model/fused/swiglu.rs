@@ -97,14 +97,8 @@ impl CustomOp2 for Swiglu {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use crate::gpu::swiglu::{Pass, run};
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("swiglu: the inputs' shapes differ");
-        }
-        let out = run(
-            Pass::Forward,
-            &[(s1, l1), (s2, l2)],
-            l1.shape().elem_count(),
-        )?;
+        let n = super::common_shape(self.name(), &[l1, l2])?.elem_count();
+        let out = run(Pass::Forward, &[(s1, l1), (s2, l2)], n)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -159,10 +153,7 @@ impl CustomOp3 for SwigluGrad {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use crate::gpu::swiglu::{Pass, run};
-        if l1.dims() != l2.dims() || l1.dims() != l3.dims() {
-            candle_core::bail!("swiglu backward: the inputs' shapes differ");
-        }
-        let n = l1.shape().elem_count();
+        let n = super::common_shape(self.name(), &[l1, l2, l3])?.elem_count();
         let out = match self.0 {
             Wrt::Gate => run(Pass::GradGate, &[(s1, l1), (s2, l2), (s3, l3)], n)?,
             Wrt::Up => run(Pass::GradUp, &[(s1, l1), (s3, l3)], n)?,
