@@ -1,9 +1,10 @@
 //! The fused attention softmax (`causal_softmax.cu`) on candle's stream: the CUDA side of
 //! `model::fused::softmax`, whose CPU rows are the reference it mirrors.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout};
 
-use super::fused::{FusedKernel, Scalar, warp_per_row_grid};
+use super::fused::{FusedKernel, Scalar, expect_lengths, warp_per_row_grid};
 use super::kernels::CAUSAL_SOFTMAX;
 
 const FORWARD: FusedKernel = FusedKernel {
@@ -62,9 +63,10 @@ pub fn forward(
     scale: f32,
 ) -> candle_core::Result<CudaStorage> {
     let (scalars, cfg, len) = shape.launch(scale)?;
+    expect_lengths("causal softmax", &[(scores, layout)], len)?;
     // SAFETY: `causal_softmax_fwd_*(scores, probs, rows, tq, tk, scale)` reads `rows * tk`
     // scores and writes as many probabilities (masked keys as 0), with `0 < tq <= tk`.
-    unsafe { FORWARD.launch(&[(scores, layout)], len, &scalars, cfg) }
+    unsafe { FORWARD.launch(&[(scores, layout)], scores.dtype(), len, &scalars, cfg) }
 }
 
 /// Score gradients from `scores` and the probabilities' gradients (same dtype and shape).
@@ -78,9 +80,10 @@ pub fn backward(
 ) -> candle_core::Result<CudaStorage> {
     let (scalars, cfg, len) = shape.launch(scale)?;
     let inputs = [(scores, scores_layout), (grad_probs, grad_layout)];
+    expect_lengths("causal softmax", &inputs, len)?;
     // SAFETY: `causal_softmax_bwd_*(scores, grad_probs, grad_scores, rows, tq, tk, scale)`
     // reads `rows * tk` values of each input and writes as many, with `0 < tq <= tk`.
-    unsafe { BACKWARD.launch(&inputs, len, &scalars, cfg) }
+    unsafe { BACKWARD.launch(&inputs, scores.dtype(), len, &scalars, cfg) }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Launching the fused-op kernels on candle's stream. Every one follows one convention, so one
-//! launcher serves them all: `name_f32` / `name_bf16` take the input pointers, then the output
-//! pointer, then scalar arguments; all tensors share one dtype and the output has `len` values.
+//! launcher serves them all: `name_f32` / `name_bf16` (by the first input's dtype) take the
+//! input pointers, then the output pointer, then scalar arguments. Each input is passed as the
+//! contiguous values of its layout, in its own dtype (f32, bf16 or u32: token ids ride along
+//! with activations); the output is a new buffer of a given dtype and length.
 //!
 //! **Not yet run on a GPU.** `host/tests/cuda_kernels_emulated.rs` runs the kernel sources on
 //! CPU threads under an emulation of the CUDA thread model.
@@ -24,7 +26,7 @@ pub enum Scalar {
     F32(f32),
 }
 
-/// A kernel from `source` named `name_f32` or `name_bf16` by the inputs' dtype.
+/// A kernel from `source` named `name_f32` or `name_bf16` by the first input's dtype.
 pub struct FusedKernel {
     /// The compiled source.
     pub source: &'static KernelSource,
@@ -32,58 +34,70 @@ pub struct FusedKernel {
     pub name: &'static str,
 }
 
+/// The contiguous values of one input, in its dtype.
+enum View<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, bf16>),
+    U32(CudaView<'a, u32>),
+}
+
+/// A new output buffer, in its dtype.
+enum Output {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
 impl FusedKernel {
-    /// Runs the kernel over contiguous `inputs` (all of one dtype, each holding `len` values)
-    /// into a new output of `len` values in the same dtype.
+    /// Runs the kernel over contiguous `inputs` into a new output of `out_len` values of
+    /// `out_dtype` (f32 or bf16).
     ///
     /// # Safety
     /// The kernel's signature must be `(inputs..., out, scalars...)` with these types, it must
-    /// write all `len` output values, and read no input past the lengths given here.
+    /// write all `out_len` output values, and read no input past its layout's element count.
     pub unsafe fn launch(
         &self,
         inputs: &[(&CudaStorage, &Layout)],
-        len: usize,
+        out_dtype: DType,
+        out_len: usize,
         scalars: &[Scalar],
         cfg: LaunchConfig,
     ) -> candle_core::Result<CudaStorage> {
         let Some((first, _)) = inputs.first() else {
             candle_core::bail!("{}: no inputs", self.name);
         };
-        // SAFETY: passed on from this function's contract.
-        unsafe {
-            match first.dtype() {
-                DType::F32 => self.typed::<f32>("f32", inputs, len, scalars, cfg),
-                DType::BF16 => self.typed::<bf16>("bf16", inputs, len, scalars, cfg),
-                other => candle_core::bail!("{}: f32 or bf16 tensors, got {other:?}", self.name),
-            }
-        }
-    }
-
-    unsafe fn typed<T: CudaDType + DeviceRepr>(
-        &self,
-        suffix: &str,
-        inputs: &[(&CudaStorage, &Layout)],
-        len: usize,
-        scalars: &[Scalar],
-        cfg: LaunchConfig,
-    ) -> candle_core::Result<CudaStorage> {
+        let suffix = match first.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            other => candle_core::bail!("{}: f32 or bf16 tensors, got {other:?}", self.name),
+        };
         let views = inputs
             .iter()
-            .map(|(storage, layout)| view::<T>(self.name, storage, layout, len))
+            .map(|(storage, layout)| view(self.name, storage, layout))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let dev = inputs[0].0.device().clone();
+        let dev = first.device().clone();
         let func = self
             .source
             .function(&dev, &format!("{}_{suffix}", self.name))?;
-        // SAFETY: the caller's contract: the kernel writes all `len` values before anything
-        // on this stream reads them.
-        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(len) }?;
+        // SAFETY (both allocations): the caller's contract: the kernel writes all `out_len`
+        // values before anything on this stream reads them.
+        let mut out = match out_dtype {
+            DType::F32 => Output::F32(unsafe { dev.alloc::<f32>(out_len) }?),
+            DType::BF16 => Output::Bf16(unsafe { dev.alloc::<bf16>(out_len) }?),
+            other => candle_core::bail!("{}: no {other:?} output", self.name),
+        };
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&func);
         for v in &views {
-            args.arg(v);
+            match v {
+                View::F32(v) => args.arg(v),
+                View::Bf16(v) => args.arg(v),
+                View::U32(v) => args.arg(v),
+            };
         }
-        args.arg(&mut out);
+        match &mut out {
+            Output::F32(o) => args.arg(o),
+            Output::Bf16(o) => args.arg(o),
+        };
         for s in scalars {
             match s {
                 Scalar::U32(v) => args.arg(v),
@@ -91,30 +105,48 @@ impl FusedKernel {
                 Scalar::F32(v) => args.arg(v),
             };
         }
-        // SAFETY: the caller's contract on the signature and the lengths; every view holds
-        // exactly `len` values (checked in `view`).
+        // SAFETY: the caller's contract on the signature and on what the kernel reads and
+        // writes; each view is exactly its layout's values.
         unsafe { args.launch(cfg) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        Ok(match out {
+            Output::F32(o) => CudaStorage::wrap_cuda_slice(o, dev),
+            Output::Bf16(o) => CudaStorage::wrap_cuda_slice(o, dev),
+        })
     }
 }
 
-/// The contiguous `len` values of `storage` under `layout`, as `T`.
-fn view<'a, T: CudaDType>(
-    op: &str,
-    storage: &'a CudaStorage,
-    layout: &Layout,
-    len: usize,
-) -> candle_core::Result<CudaView<'a, T>> {
+/// The contiguous values of `storage` under `layout`.
+fn view<'a>(op: &str, storage: &'a CudaStorage, layout: &Layout) -> candle_core::Result<View<'a>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{op}: the inputs must be contiguous");
     };
-    if end - start != len {
-        candle_core::bail!(
-            "{op}: an input holds {} values, expected {len}",
-            end - start
-        );
+    fn slice<'a, T: CudaDType + DeviceRepr>(
+        storage: &'a CudaStorage,
+        range: std::ops::Range<usize>,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        Ok(storage.as_cuda_slice::<T>()?.slice(range))
     }
-    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+    Ok(match storage.dtype() {
+        DType::F32 => View::F32(slice(storage, start..end)?),
+        DType::BF16 => View::Bf16(slice(storage, start..end)?),
+        DType::U32 => View::U32(slice(storage, start..end)?),
+        other => candle_core::bail!("{op}: no {other:?} inputs"),
+    })
+}
+
+/// An error unless every input holds exactly `len` values (for kernels that read `len` of each).
+pub fn expect_lengths(
+    op: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    len: usize,
+) -> candle_core::Result<()> {
+    for (_, layout) in inputs {
+        let n = layout.shape().elem_count();
+        if n != len {
+            candle_core::bail!("{op}: an input holds {n} values, expected {len}");
+        }
+    }
+    Ok(())
 }
 
 /// Threads per block of the elementwise kernels.

@@ -1,8 +1,9 @@
 //! The fused SwiGLU (`swiglu.cu`) on candle's stream: the CUDA side of `model::fused::swiglu`.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout};
 
-use super::fused::{FusedKernel, Scalar, elementwise_grid};
+use super::fused::{FusedKernel, Scalar, elementwise_grid, expect_lengths};
 use super::kernels::SWIGLU;
 
 /// Which kernel: the forward product or one of the two gradients.
@@ -51,10 +52,16 @@ pub fn run(
             pass.inputs()
         );
     }
-    // SAFETY: each kernel's signature is (inputs..., out, u64 n) with the input count checked
-    // above; it reads and writes exactly `n` values of each (grid-stride loop).
+    expect_lengths("swiglu", inputs, n)?;
+    // SAFETY: each kernel's signature is (inputs..., out, u64 n) with the input count and
+    // lengths checked above; it reads and writes exactly `n` values of each (grid-stride loop).
     unsafe {
-        pass.kernel()
-            .launch(inputs, n, &[Scalar::U64(n as u64)], elementwise_grid(n))
+        pass.kernel().launch(
+            inputs,
+            inputs[0].0.dtype(),
+            n,
+            &[Scalar::U64(n as u64)],
+            elementwise_grid(n),
+        )
     }
 }

@@ -31,8 +31,8 @@ impl Element for bf16 {
     }
 }
 
-/// The contiguous values of a CPU tensor.
-fn cpu_slice<'a, T: WithDType>(
+/// The contiguous values of a CPU tensor (an error for another dtype).
+pub fn cpu_slice<'a, T: WithDType>(
     storage: &'a CpuStorage,
     layout: &Layout,
 ) -> candle_core::Result<&'a [T]> {
@@ -42,7 +42,7 @@ fn cpu_slice<'a, T: WithDType>(
     Ok(&storage.as_slice::<T>()?[start..end])
 }
 
-/// The CPU side of one pass over `inputs` (one dtype, equal lengths).
+/// The CPU side of one pass over `inputs` (one dtype, one shape): the output has their shape.
 pub fn cpu_pass(
     op: &str,
     inputs: &[(&CpuStorage, &Layout)],
@@ -50,7 +50,22 @@ pub fn cpu_pass(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let layouts: Vec<&Layout> = inputs.iter().map(|(_, l)| *l).collect();
     let shape = super::common_shape(op, &layouts)?.clone();
-    let values = match inputs[0].0.dtype() {
+    Ok((f(cpu_inputs(op, inputs)?), shape))
+}
+
+/// The values of contiguous `inputs` of one dtype (f32 or bf16), any shapes.
+pub fn cpu_inputs<'a>(
+    op: &str,
+    inputs: &[(&'a CpuStorage, &Layout)],
+) -> candle_core::Result<Inputs<'a>> {
+    let dtype = inputs[0].0.dtype();
+    if let Some((other, _)) = inputs.iter().find(|(s, _)| s.dtype() != dtype) {
+        candle_core::bail!(
+            "{op}: the inputs' dtypes differ: {dtype:?}, {:?}",
+            other.dtype()
+        );
+    }
+    Ok(match dtype {
         DType::F32 => Inputs::F32(
             inputs
                 .iter()
@@ -64,8 +79,7 @@ pub fn cpu_pass(
                 .collect::<candle_core::Result<_>>()?,
         ),
         other => candle_core::bail!("{op}: f32 or bf16 tensors, got {other:?}"),
-    };
-    Ok((f(values), shape))
+    })
 }
 
 /// The inputs of one CPU pass, as slices of their dtype.
