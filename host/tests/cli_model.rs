@@ -457,13 +457,22 @@ fn train_bench_reports_throughput_and_recomputation_keeps_the_loss() {
 /// losses agree to f32 rounding, and the report says which ops ran.
 #[test]
 fn train_bench_unfused_ops_give_the_same_losses() {
+    let ops = ["softmax", "swiglu", "rms_norm", "rope", "cross_entropy"];
     let fused = bench_json(&[]);
-    assert_eq!(fused["fusions"]["softmax"], true);
-    assert_eq!(fused["fusions"]["swiglu"], true);
-    for off in ["softmax", "swiglu", "all"] {
+    for op in ops {
+        assert_eq!(fused["fusions"][op], true, "{op}");
+    }
+    for off in [
+        "softmax",
+        "swiglu",
+        "rms-norm",
+        "rope",
+        "cross-entropy",
+        "all",
+    ] {
         let unfused = bench_json(&["--unfuse", off]);
-        for op in ["softmax", "swiglu"] {
-            let on = off != "all" && off != op;
+        for op in ops {
+            let on = off != "all" && off.replace('-', "_") != op;
             assert_eq!(unfused["fusions"][op], on, "--unfuse {off}: {op}");
         }
         let pairs = fused["losses"]

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use half::bf16;
 use qdylora::model::fused::softmax::Element;
-use qdylora::model::fused::{softmax, swiglu};
+use qdylora::model::fused::{rms_norm, rope, softmax, swiglu};
 use qdylora_core::nf4;
 use qdylora_formats::Nf4Weight;
 use rand::rngs::StdRng;
@@ -194,6 +194,10 @@ fn bf16s(bytes: &[u8]) -> Vec<bf16> {
         .collect()
 }
 
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
 fn u32s(bytes: &[u8]) -> Vec<u32> {
     let words = bytes.chunks_exact(4);
     words
@@ -351,7 +355,7 @@ fn the_kernels_bf16_rounding_matches_half() {
         .collect();
     for kernel in ["bf16_rounding_of_nf4_dequant", "bf16_rounding_of_elements"] {
         let args = [
-            Arg::Buf(bits.iter().flat_map(|b| b.to_le_bytes()).collect()),
+            Arg::Buf(u32_bytes(&bits)),
             Arg::Buf(vec![0xff; 2 * bits.len()]),
             Arg::U64(bits.len() as u64),
         ];
@@ -657,13 +661,322 @@ fn swiglu_kernels_match<T: Stored>(gate: &[T], up: &[T], grad: &[T], grid: u32, 
     check("bwd_up", &[gate, grad], &want);
 }
 
+// ---- RMSNorm (rms_norm.cu) against model::fused::rms_norm's rows: the same formulas, the
+// row sums in another order (lanes, then shuffles), so within f32 rounding of them.
+
+/// `(rows, n)`: a last block with one row of four, rows shorter than a warp, ragged rows,
+/// rows of many warps' width, LLaMA-7B's 4,096.
+const RMS_NORM_CASES: [(usize, usize); 6] =
+    [(1, 1), (9, 31), (6, 45), (5, 200), (3, 4096), (13, 64)];
+
+#[test]
+fn rms_norm_matches_the_cpu_rows() {
+    for (seed, &(rows, n)) in RMS_NORM_CASES.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(300 + seed as u64);
+        let mut x: Vec<f32> = (0..rows * n)
+            .map(|_| rng.random_range(-4.0f32..4.0))
+            .collect();
+        // A row of zeros: the statistic is eps alone.
+        if rows > 2 {
+            x[n..2 * n].fill(0.0);
+        }
+        let w: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let grad: Vec<f32> = (0..rows * n)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let case = format!("{rows} rows of {n}");
+        rms_norm_kernels_match(&x, &w, &grad, n, 0.0, &case);
+        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+        // bf16: the forward rounds twice (before and after the weight, as transformers does),
+        // so a last-bit difference in the statistic can move it two steps; the backward once.
+        rms_norm_kernels_match(
+            &to_bf16(&x),
+            &to_bf16(&w),
+            &to_bf16(&grad),
+            n,
+            2f32.powi(-7),
+            &case,
+        );
+    }
+}
+
+/// The two RMSNorm kernels in `T` against the CPU rows, within `steps` of `T`'s relative
+/// rounding step `step` (2 forward, 1 backward) plus 1e-5 of the terms summed in f32.
+fn rms_norm_kernels_match<T: Stored>(
+    x: &[T],
+    w: &[T],
+    grad: &[T],
+    n: usize,
+    step: f32,
+    case: &str,
+) {
+    const EPS: f32 = 1e-5;
+    let len = x.len();
+    let rows = len / n;
+    let grid = u32::try_from(rows.div_ceil(4)).unwrap();
+    let run = |pass: &str, inputs: &[&[T]]| -> Vec<f32> {
+        let mut args: Vec<Arg> = inputs.iter().map(|v| Arg::Buf(T::to_bytes(v))).collect();
+        args.push(Arg::Buf(vec![0xff; T::SIZE * len]));
+        args.extend([Arg::U32(rows as u32), Arg::U32(n as u32), Arg::F32(EPS)]);
+        let kernel = format!("rms_norm_{pass}_{}", T::SUFFIX);
+        let out = &launch(&kernel, grid, SOFTMAX_BLOCK, &args)[inputs.len()];
+        T::from_bytes(out).iter().map(|v| v.widen()).collect()
+    };
+    let wide = |v: &[T]| -> Vec<f32> { v.iter().map(|v| v.widen()).collect() };
+    let (xf, wf, gf) = (wide(x), wide(w), wide(grad));
+    // Each row's inverse RMS and Σ |g·w·x|, for the bounds.
+    let stats: Vec<(f32, f32)> = xf
+        .chunks(n)
+        .zip(gf.chunks(n))
+        .map(|(x, g)| {
+            let sq: f32 = x.iter().map(|v| v * v).sum();
+            let dot: f32 = x
+                .iter()
+                .zip(g)
+                .zip(&wf)
+                .map(|((x, g), w)| (x * g * w).abs())
+                .sum();
+            (1.0 / (sq / n as f32 + EPS).sqrt(), dot)
+        })
+        .collect();
+
+    let mut want = vec![T::narrow(0.0); len];
+    rms_norm::forward_rows(x, w, &mut want, EPS);
+    let want = wide(&want);
+    let got = run("fwd", &[x, w]);
+    check_all(
+        &format!("rms_norm_fwd_{}, {case}", T::SUFFIX),
+        len,
+        |i| {
+            let (r, _) = stats[i / n];
+            let term = (xf[i] * r * wf[i % n]).abs();
+            (got[i] - want[i]).abs() <= 2.0 * step * want[i].abs() + 1e-5 * term
+        },
+        |i| format!("[{i}] got {:e} want {:e}", got[i], want[i]),
+    );
+    // The bound above leaves room for the two roundings to land apart, which is rare: in bf16
+    // nearly every value must be the CPU's to the bit (a kernel that skipped the rounding
+    // before the weight would differ in about half of them).
+    let differing = (0..len).filter(|&i| got[i] != want[i]).count();
+    assert!(
+        step == 0.0 || differing * 50 <= len,
+        "rms_norm_fwd_{}, {case}: {differing} of {len} values differ in some bit",
+        T::SUFFIX
+    );
+
+    let mut want = vec![T::narrow(0.0); len];
+    rms_norm::backward_rows(x, w, grad, &mut want, EPS);
+    let want = wide(&want);
+    let got = run("bwd", &[x, w, grad]);
+    check_all(
+        &format!("rms_norm_bwd_{}, {case}", T::SUFFIX),
+        len,
+        |i| {
+            let (r, dot) = stats[i / n];
+            let terms = (r * gf[i] * wf[i % n]).abs() + xf[i].abs() * r * r * r * dot / n as f32;
+            (got[i] - want[i]).abs() <= step * want[i].abs() + 1e-5 * terms
+        },
+        |i| format!("[{i}] got {:e} want {:e}", got[i], want[i]),
+    );
+}
+
+// ---- RoPE (rope.cu) against model::fused::rope: the same products in the same order and no
+// transcendental, so bit for bit on any hardware.
+
+#[test]
+fn rope_matches_the_cpu_rows_bit_for_bit() {
+    // (rows before the positions, t, d, grid): the grid `elementwise_grid` gives, and smaller
+    // ones so the loop wraps.
+    let cases = [
+        (1, 1, 2, 1),
+        (6, 7, 10, 1),
+        (4, 33, 128, 3),
+        (2, 50, 64, 13),
+    ];
+    for (seed, &(outer, t, d, grid)) in cases.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(400 + seed as u64);
+        let half = d / 2;
+        let x: Vec<f32> = (0..outer * t * d)
+            .map(|_| rng.random_range(-3.0f32..3.0))
+            .collect();
+        let angle = |i: usize| (i / half) as f32 * 0.3f32.powf((i % half) as f32 / half as f32);
+        let cos: Vec<f32> = (0..t * half).map(|i| angle(i).cos()).collect();
+        let sin: Vec<f32> = (0..t * half).map(|i| angle(i).sin()).collect();
+        let case = format!("[{outer}, {t}, {d}], grid {grid}");
+        rope_kernel_matches(&x, &cos, &sin, t, grid, &case);
+        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+        rope_kernel_matches(&to_bf16(&x), &to_bf16(&cos), &to_bf16(&sin), t, grid, &case);
+    }
+}
+
+/// The RoPE kernel in `T`, both directions, against the CPU rows.
+fn rope_kernel_matches<T: Stored>(x: &[T], cos: &[T], sin: &[T], t: usize, grid: u32, case: &str) {
+    let half = cos.len() / t;
+    for direction in [rope::Direction::Forward, rope::Direction::Inverse] {
+        let mut want = vec![T::narrow(0.0); x.len()];
+        rope::rotate_rows(x, cos, sin, &mut want, t, direction.sign());
+        let args = [
+            Arg::Buf(T::to_bytes(x)),
+            Arg::Buf(T::to_bytes(cos)),
+            Arg::Buf(T::to_bytes(sin)),
+            Arg::Buf(vec![0xff; T::SIZE * x.len()]),
+            Arg::U64((x.len() / 2) as u64),
+            Arg::U32(t as u32),
+            Arg::U32(half as u32),
+            Arg::F32(direction.sign()),
+        ];
+        let kernel = format!("rope_{}", T::SUFFIX);
+        let out = &launch(&kernel, grid, ELEMENTWISE_BLOCK, &args)[3];
+        T::same_bits(
+            &format!("{kernel} {direction:?}, {case}"),
+            &T::from_bytes(out),
+            &want,
+        );
+    }
+}
+
+// ---- Cross-entropy (cross_entropy.cu) against the same rows in f64. (The CPU rows of
+// model::fused::cross_entropy add a row's exponentials one after another, an error that grows
+// with the vocabulary, 3e-5 of the sum at 32,000; the kernel's strided-then-tree sum is closer
+// to exact, so the test holds it to the error of its own summation instead.)
+
+/// Threads per block, as `gpu/cross_entropy.rs` launches them.
+const CROSS_ENTROPY_BLOCK: u32 = 256;
+
+/// `(rows, vocab, centre)`: one column, rows shorter than a warp, a ragged row of a few
+/// blocks' width, logits near 90 (exp overflows unless the max goes first), LLaMA's 32,000.
+const CROSS_ENTROPY_CASES: [(usize, usize, f32); 5] = [
+    (2, 1, 0.0),
+    (5, 7, 0.0),
+    (6, 1001, 0.0),
+    (4, 300, 90.0),
+    (2, 32000, 0.0),
+];
+
+#[test]
+fn cross_entropy_matches_f64_rows() {
+    for (seed, &(rows, vocab, centre)) in CROSS_ENTROPY_CASES.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(500 + seed as u64);
+        let logits: Vec<f32> = (0..rows * vocab)
+            .map(|_| centre + rng.random_range(-8.0f32..8.0))
+            .collect();
+        let mut targets: Vec<u32> = (0..rows)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        // A target past the vocabulary (the host rejects it first): NaN, and no read past the row.
+        targets[rows - 1] = vocab as u32;
+        let grad: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let case = format!("{rows} rows of {vocab} around {centre}");
+        cross_entropy_kernels_match(&logits, &targets, &grad, 0.0, &case);
+        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+        cross_entropy_kernels_match(&to_bf16(&logits), &targets, &grad, 2f32.powi(-8), &case);
+    }
+}
+
+/// Both cross-entropy kernels with logits in `T` against f64 rows. A row's sum of
+/// exponentials is off by at most (terms per thread + the 5 + 7 additions of the tree) f32
+/// rounding steps, plus about two ulps per `expf`: that relative error moves the loss by as
+/// much and each softmax value by as much of itself. The gradients may also be `step` off
+/// (their rounding to `T`). A target past the vocabulary gives NaN for its row, only there.
+fn cross_entropy_kernels_match<T: Stored>(
+    logits: &[T],
+    targets: &[u32],
+    grad: &[f32],
+    step: f32,
+    case: &str,
+) {
+    const ULP: f64 = 1.0 / (1u64 << 24) as f64;
+    let rows = targets.len();
+    let vocab = logits.len() / rows;
+    let sum_error = (vocab.div_ceil(CROSS_ENTROPY_BLOCK as usize) + 12 + 4) as f64 * ULP;
+    // Per row: the max, ln Σ exp(x - max), and the softmax, in f64.
+    let wide: Vec<f64> = logits.iter().map(|v| v.widen() as f64).collect();
+    let stats: Vec<(f64, f64)> = wide
+        .chunks(vocab)
+        .map(|r| {
+            let max = r.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+            (max, r.iter().map(|v| (v - max).exp()).sum::<f64>().ln())
+        })
+        .collect();
+    let bad = |row: usize| targets[row] as usize >= vocab;
+    let scalars = || [Arg::U32(rows as u32), Arg::U32(vocab as u32)];
+
+    let mut args = vec![
+        Arg::Buf(T::to_bytes(logits)),
+        Arg::Buf(u32_bytes(targets)),
+        Arg::Buf(vec![0xff; 4 * rows]),
+    ];
+    args.extend(scalars());
+    let kernel = format!("cross_entropy_fwd_{}", T::SUFFIX);
+    let got = f32s(&launch(&kernel, rows as u32, CROSS_ENTROPY_BLOCK, &args)[2]);
+    let want = |i: usize| {
+        let (max, ln_sum) = stats[i];
+        ln_sum + max - wide[i * vocab + targets[i] as usize]
+    };
+    check_all(
+        &format!("{kernel}, {case}"),
+        rows,
+        |i| match bad(i) {
+            true => got[i].is_nan(),
+            false => {
+                let (max, ln_sum) = stats[i];
+                let rounding = 4.0 * ULP * (ln_sum.abs() + 2.0 * max.abs() + 1.0);
+                (got[i] as f64 - want(i)).abs() <= 2.0 * sum_error + rounding
+            }
+        },
+        |i| {
+            format!(
+                "[{i}] got {:e} want {:e}",
+                got[i],
+                if bad(i) { f64::NAN } else { want(i) }
+            )
+        },
+    );
+
+    let mut args = vec![
+        Arg::Buf(T::to_bytes(logits)),
+        Arg::Buf(u32_bytes(targets)),
+        Arg::Buf(f32_bytes(grad)),
+        Arg::Buf(vec![0xff; T::SIZE * logits.len()]),
+    ];
+    args.extend(scalars());
+    let kernel = format!("cross_entropy_bwd_{}", T::SUFFIX);
+    let got: Vec<f32> = T::from_bytes(&launch(&kernel, rows as u32, CROSS_ENTROPY_BLOCK, &args)[3])
+        .iter()
+        .map(|v| v.widen())
+        .collect();
+    // (value, bound) of logit i.
+    let want = |i: usize| {
+        let (row, j) = (i / vocab, i % vocab);
+        let (max, ln_sum) = stats[row];
+        let p = (wide[i] - max - ln_sum).exp();
+        let hit = if j == targets[row] as usize { 1.0 } else { 0.0 };
+        let g = grad[row] as f64;
+        let value = g * (p - hit);
+        let bound = g.abs() * (p * (2.0 * sum_error + 8.0 * ULP) + 2.0 * ULP * (p - hit).abs());
+        (value, bound + step as f64 * value.abs())
+    };
+    check_all(
+        &format!("{kernel}, {case}"),
+        logits.len(),
+        |i| match bad(i / vocab) {
+            true => got[i].is_nan(),
+            false => {
+                let (value, bound) = want(i);
+                (got[i] as f64 - value).abs() <= bound
+            }
+        },
+        |i| format!("[{i}] got {:e} want {:?}", got[i], want(i)),
+    );
+}
+
 // ---- The emulator itself (tests/cuda_emu/selftest.cu).
 
 /// `selftest_block_sum` over `n` inputs: per-block sums and per-warp prefix sums.
 fn block_sum(sanitizer: Sanitizer, n: usize, grid: u32, block: u32) -> Result<(), String> {
     let input: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(7919) % 1000).collect();
     let args = [
-        Arg::Buf(input.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        Arg::Buf(u32_bytes(&input)),
         Arg::Buf(vec![0xff; 4 * grid as usize]),
         Arg::Buf(vec![0xff; 4 * n]),
         Arg::U32(n as u32),
@@ -743,6 +1056,27 @@ fn the_kernels_have_no_data_race() {
         "causal_softmax_bwd_f32",
         case.grid(),
         SOFTMAX_BLOCK,
+        &args,
+    )
+    .unwrap();
+
+    // Cross-entropy reduces each row across the block's warps through shared memory, twice.
+    let (rows, vocab) = (3, 1001);
+    let logits: Vec<f32> = (0..rows * vocab).map(|i| (i % 37) as f32 * 0.25).collect();
+    let args = [
+        Arg::Buf(f32_bytes(&logits)),
+        Arg::Buf(u32_bytes(&[0, 500, 1000])),
+        Arg::Buf(f32_bytes(&[1.0, -0.5, 2.0])),
+        Arg::Buf(vec![0xff; 4 * logits.len()]),
+        Arg::U32(rows as u32),
+        Arg::U32(vocab as u32),
+    ];
+    let grid = rows as u32;
+    try_launch(
+        Sanitizer::Thread,
+        "cross_entropy_bwd_f32",
+        grid,
+        CROSS_ENTROPY_BLOCK,
         &args,
     )
     .unwrap();

@@ -114,6 +114,12 @@ pub enum FusionArg {
     Softmax,
     /// The MLP's `silu(gate) · up`.
     Swiglu,
+    /// RMSNorm.
+    RmsNorm,
+    /// The rotary position embedding.
+    Rope,
+    /// The loss's log-softmax over the vocabulary.
+    CrossEntropy,
 }
 
 /// Every fusion except those named.
@@ -124,6 +130,9 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::All => fusions = Fusions::NONE,
             FusionArg::Softmax => fusions.softmax = false,
             FusionArg::Swiglu => fusions.swiglu = false,
+            FusionArg::RmsNorm => fusions.rms_norm = false,
+            FusionArg::Rope => fusions.rope = false,
+            FusionArg::CrossEntropy => fusions.cross_entropy = false,
         }
     }
     fusions

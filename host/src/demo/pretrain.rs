@@ -190,7 +190,7 @@ pub fn pretrain(
         let batch = Batch::new(&refs, 0);
         let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), device)?;
         let logits = model.forward(&ids, None)?;
-        let (loss, sum) = masked_cross_entropy(&logits, &batch, device)?;
+        let (loss, sum) = masked_cross_entropy(&logits, &batch, &model)?;
         let loss_value = sum / batch.scored_tokens().max(1) as f64;
         if !loss_value.is_finite() {
             anyhow::bail!("pretraining loss became non-finite at step {}", step + 1);

@@ -43,6 +43,17 @@ pub static CAUSAL_SOFTMAX: KernelSource = KernelSource::new(
 /// The fused SwiGLU, forward and both gradients (`swiglu.cu`).
 pub static SWIGLU: KernelSource = KernelSource::new("qdylora_swiglu", with_elements!("swiglu.cu"));
 
+/// The fused RMSNorm, forward and the gradient w.r.t. x (`rms_norm.cu`).
+pub static RMS_NORM: KernelSource =
+    KernelSource::new("qdylora_rms_norm", with_elements!("rms_norm.cu"));
+
+/// The fused rotary position embedding, either direction (`rope.cu`).
+pub static ROPE: KernelSource = KernelSource::new("qdylora_rope", with_elements!("rope.cu"));
+
+/// The fused cross-entropy of the loss, forward and backward (`cross_entropy.cu`).
+pub static CROSS_ENTROPY: KernelSource =
+    KernelSource::new("qdylora_cross_entropy", with_elements!("cross_entropy.cu"));
+
 /// Seeded random bytes for speed-only weights (`fill_random.cu`).
 pub static FILL_RANDOM: KernelSource =
     KernelSource::new("qdylora_fill_random", include_str!("fill_random.cu"));
@@ -124,31 +135,39 @@ mod tests {
     /// `cuda` build: `LD_LIBRARY_PATH=<cuda 13 lib folder>`.
     #[test]
     fn kernels_compile() {
-        for source in [&NF4_DEQUANT, &FILL_RANDOM, &CAUSAL_SOFTMAX, &SWIGLU] {
+        // Every source with its entry points (`_f32` and `_bf16` where a name ends in `_`).
+        let sources: [(&KernelSource, &[&str]); 7] = [
+            (&NF4_DEQUANT, &["nf4_dq_dequantize_"]),
+            (&FILL_RANDOM, &["fill_random_u8"]),
+            (
+                &CAUSAL_SOFTMAX,
+                &["causal_softmax_fwd_", "causal_softmax_bwd_"],
+            ),
+            (
+                &SWIGLU,
+                &["swiglu_fwd_", "swiglu_bwd_gate_", "swiglu_bwd_up_"],
+            ),
+            (&RMS_NORM, &["rms_norm_fwd_", "rms_norm_bwd_"]),
+            (&ROPE, &["rope_"]),
+            (
+                &CROSS_ENTROPY,
+                &["cross_entropy_fwd_", "cross_entropy_bwd_"],
+            ),
+        ];
+        for (source, entries) in sources {
             let ptx = source
                 .compile_ptx("compute_90")
                 .unwrap_or_else(|e| panic!("{}: {e:#}", source.module))
                 .to_src();
             assert!(ptx.contains(".target sm_90"), "{}", source.module);
-        }
-        let dequant = NF4_DEQUANT.compile_ptx("compute_90").unwrap().to_src();
-        for name in ["nf4_dq_dequantize_f32", "nf4_dq_dequantize_bf16"] {
-            assert!(dequant.contains(&format!(".entry {name}")), "{name}");
-        }
-        let fill = FILL_RANDOM.compile_ptx("compute_90").unwrap().to_src();
-        assert!(fill.contains(".entry fill_random_u8"));
-        let softmax = CAUSAL_SOFTMAX.compile_ptx("compute_90").unwrap().to_src();
-        for dir in ["fwd", "bwd"] {
-            for ty in ["f32", "bf16"] {
-                let name = format!("causal_softmax_{dir}_{ty}");
-                assert!(softmax.contains(&format!(".entry {name}")), "{name}");
-            }
-        }
-        let swiglu = SWIGLU.compile_ptx("compute_90").unwrap().to_src();
-        for pass in ["fwd", "bwd_gate", "bwd_up"] {
-            for ty in ["f32", "bf16"] {
-                let name = format!("swiglu_{pass}_{ty}");
-                assert!(swiglu.contains(&format!(".entry {name}")), "{name}");
+            for entry in entries {
+                let names = match entry.strip_suffix('_') {
+                    Some(stem) => vec![format!("{stem}_f32"), format!("{stem}_bf16")],
+                    None => vec![entry.to_string()],
+                };
+                for name in names {
+                    assert!(ptx.contains(&format!(".entry {name}")), "{name}");
+                }
             }
         }
     }

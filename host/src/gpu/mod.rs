@@ -20,16 +20,25 @@
 //! * [`fused`]: the one launcher of the fused-op kernels (inputs, output, scalars).
 //! * [`swiglu`]: the fused SwiGLU, forward and backward; the CUDA side of
 //!   `model::fused::swiglu`.
+//! * [`rms_norm`]: the fused RMSNorm, forward and the input gradient; the CUDA side of
+//!   `model::fused::rms_norm`.
+//! * [`rope`]: the fused rotary position embedding (the backward is the inverse rotation);
+//!   the CUDA side of `model::fused::rope`.
+//! * [`cross_entropy`]: the fused cross-entropy of the loss, forward and backward; the CUDA
+//!   side of `model::fused::cross_entropy`.
 //! * [`memory`]: bytes in use and their peak, for the benchmark.
 //! * [`traffic`]: the bytes a dequantization reads and writes (for effective GB/s).
 
 pub mod causal_softmax;
+pub mod cross_entropy;
 pub mod dequant;
 pub mod device;
 pub mod fused;
 pub mod kernels;
 pub mod memory;
 pub mod nf4_linear;
+pub mod rms_norm;
+pub mod rope;
 pub mod swiglu;
 pub mod traffic;
 pub mod weight;

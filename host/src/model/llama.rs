@@ -5,10 +5,12 @@
 //! The activations run in the dtype of the embedding table (f32 on the CPU, bf16 on a GPU);
 //! as in transformers, RMSNorm's statistics and the attention softmax are computed in f32.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use qdylora_core::infer::{DecoderConfig, LinearKind};
 
 use super::fused::Fusions;
+use super::fused::rms_norm::{rms_norm, rms_norm_unfused};
+use super::fused::rope::{rope, rope_unfused};
 use super::fused::softmax::{causal_mask, causal_softmax, causal_softmax_unfused};
 use super::fused::swiglu::{swiglu, swiglu_unfused};
 use super::linear::BaseLinear;
@@ -89,27 +91,13 @@ impl Rope {
         })
     }
 
-    /// `x: [b, heads, t, hd]` rotated in the half-split layout.
-    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let hd = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-        let r1 = (x1.broadcast_mul(&self.cos)? - x2.broadcast_mul(&self.sin)?)?;
-        let r2 = (x2.broadcast_mul(&self.cos)? + x1.broadcast_mul(&self.sin)?)?;
-        Tensor::cat(&[&r1, &r2], D::Minus1)
+    /// `x: [b, heads, t, hd]` rotated in the half-split layout, fused or not.
+    fn apply(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        match fused {
+            true => rope(x, &self.cos, &self.sin),
+            false => rope_unfused(x, &self.cos, &self.sin),
+        }
     }
-}
-
-/// `x * rsqrt(mean(x^2) + eps) * weight` over the last dim, normalized in f32 and returned in
-/// `x`'s dtype (a no-op cast for f32).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + f64::from(eps))?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)
 }
 
 /// What every layer needs for a sequence length: the RoPE tables, and the causal mask when
@@ -132,6 +120,15 @@ impl Llama {
         match adapter {
             Some(call) => call.add_delta(ModuleKey { layer, kind }, x, y),
             None => Ok(y),
+        }
+    }
+
+    /// RMSNorm of `x` with `weight`, fused or not as [`Llama::fusions`] says.
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        match self.fusions.rms_norm {
+            true => rms_norm(x, weight, eps),
+            false => rms_norm_unfused(x, weight, eps),
         }
     }
 
@@ -189,7 +186,7 @@ impl Llama {
 
     /// The final norm applied to the last layer's output.
     pub fn final_hidden(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        rms_norm(x, &self.final_norm, self.config.rms_norm_eps)
+        self.norm(x, &self.final_norm)
     }
 
     /// Logits `[b, t, vocab]` for token ids `[b, t]`.
@@ -222,7 +219,7 @@ impl Llama {
             cfg.num_kv_heads as usize,
             cfg.head_dim as usize,
         );
-        let h = rms_norm(x, &self.layers[layer].input_norm, cfg.rms_norm_eps)?;
+        let h = self.norm(x, &self.layers[layer].input_norm)?;
         let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
@@ -230,8 +227,9 @@ impl Llama {
         let k = split(self.linear(layer, LinearKind::K, &h, adapter)?, kv_heads)?;
         let v = split(self.linear(layer, LinearKind::V, &h, adapter)?, kv_heads)?;
         let rope = &positions.rope;
-        let q = rope.apply(&q)?;
-        let k = repeat_kv(&rope.apply(&k)?, heads / kv_heads)?;
+        let fused = self.fusions.rope;
+        let q = rope.apply(&q, fused)?;
+        let k = repeat_kv(&rope.apply(&k, fused)?, heads / kv_heads)?;
         let v = repeat_kv(&v, heads / kv_heads)?;
         let scores = q.matmul(&k.t()?)?;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -251,8 +249,7 @@ impl Llama {
         x: &Tensor,
         adapter: Option<&AdapterCall<'_>>,
     ) -> candle_core::Result<Tensor> {
-        let cfg = &self.config;
-        let h = rms_norm(x, &self.layers[layer].post_norm, cfg.rms_norm_eps)?;
+        let h = self.norm(x, &self.layers[layer].post_norm)?;
         let gate = self.linear(layer, LinearKind::Gate, &h, adapter)?;
         let up = self.linear(layer, LinearKind::Up, &h, adapter)?;
         let act = match self.fusions.swiglu {

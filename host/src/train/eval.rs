@@ -3,32 +3,40 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, Tensor};
 
 use super::data::{Batch, Example};
+use crate::model::fused::cross_entropy::{cross_entropy, cross_entropy_unfused};
 use crate::model::llama::Llama;
 use crate::model::lora::AdapterCall;
 
 /// Mean next-token cross-entropy over the positions where `mask` is set, and the summed
-/// (unnormalized) loss as a plain number.
+/// (unnormalized) loss as a plain number. Computed in f32 whatever the logits' dtype, by the
+/// fused op when `model.fusions.cross_entropy` is on and by the unfused chain otherwise; a
+/// target outside the vocabulary is an error either way.
 pub fn masked_cross_entropy(
     logits: &Tensor,
     batch: &Batch,
-    device: &Device,
+    model: &Llama,
 ) -> candle_core::Result<(Tensor, f64)> {
     let n = batch.rows * batch.cols;
-    // The loss is computed in f32 whatever the activations' dtype.
-    let logits = logits.reshape((n, ()))?.to_dtype(candle_core::DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        + &max)?;
-    let targets = Tensor::from_slice(&batch.targets, (n, 1), device)?;
-    let picked = logits.gather(&targets, D::Minus1)?;
-    let nll = (lse - picked)?.squeeze(D::Minus1)?;
+    let logits = logits.reshape((n, ()))?;
+    let vocab = logits.dim(D::Minus1)?;
+    // Checked here, on the host copy: the GPU kernel can only answer a bad target with NaN.
+    if let Some(i) = batch.targets.iter().position(|&t| t as usize >= vocab) {
+        candle_core::bail!(
+            "target token id {} (row {}, position {}) is outside the model's vocabulary of {vocab}",
+            batch.targets[i],
+            i / batch.cols,
+            i % batch.cols
+        );
+    }
+    let device = logits.device();
+    let targets = Tensor::from_slice(&batch.targets, n, device)?;
+    let nll = match model.fusions.cross_entropy {
+        true => cross_entropy(&logits, &targets)?,
+        false => cross_entropy_unfused(&logits, &targets)?,
+    };
     let mask = Tensor::from_slice(&batch.mask, n, device)?;
     let total = (nll * mask)?.sum_all()?;
     let count = batch.scored_tokens().max(1) as f64;
@@ -51,7 +59,7 @@ pub fn eval_loss(
         let batch = Batch::new(&refs, pad);
         let ids = Tensor::from_slice(&batch.ids, (batch.rows, batch.cols), &model.device)?;
         let logits = model.forward(&ids, call)?;
-        let (_, s) = masked_cross_entropy(&logits, &batch, &model.device)?;
+        let (_, s) = masked_cross_entropy(&logits, &batch, model)?;
         sum += s;
         tokens += batch.scored_tokens();
     }

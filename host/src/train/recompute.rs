@@ -58,7 +58,7 @@ pub fn loss_and_grads(
     // Head and loss, with the last hidden state as a variable to get its gradient.
     let last = Var::from_tensor(&x)?;
     let logits = model.logits(&model.final_hidden(last.as_tensor())?)?;
-    let (mean, loss_sum) = masked_cross_entropy(&logits, batch, &model.device)?;
+    let (mean, loss_sum) = masked_cross_entropy(&logits, batch, model)?;
     let store = (mean * weight)?.backward()?;
     let mut grad_out = store
         .get(last.as_tensor())

@@ -286,7 +286,7 @@ impl<'m> Trainer<'m> {
                 (out.loss_sum, out.grads)
             } else {
                 let logits = self.model.forward(&ids, Some(&call))?;
-                let (mean, sum) = masked_cross_entropy(&logits, batch, &self.model.device)?;
+                let (mean, sum) = masked_cross_entropy(&logits, batch, self.model)?;
                 let store = (mean * weight)?.backward()?;
                 let grads = vars.iter().map(|v| store.get(v.as_tensor()).cloned());
                 (sum, grads.collect())

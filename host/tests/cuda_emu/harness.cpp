@@ -52,6 +52,18 @@ namespace swiglu {
 #include "elements.cuh"
 #include "swiglu.cu"
 }
+namespace rms_norm {
+#include "elements.cuh"
+#include "rms_norm.cu"
+}
+namespace rope {
+#include "elements.cuh"
+#include "rope.cu"
+}
+namespace cross_entropy {
+#include "elements.cuh"
+#include "cross_entropy.cu"
+}
 namespace selftest {
 #include "selftest.cu"
 }
@@ -214,6 +226,16 @@ const std::map<std::string, void (*)(Launch&)> registry = {
     KERNEL(swiglu, swiglu_bwd_gate_bf16),
     KERNEL(swiglu, swiglu_bwd_up_f32),
     KERNEL(swiglu, swiglu_bwd_up_bf16),
+    KERNEL(rms_norm, rms_norm_fwd_f32),
+    KERNEL(rms_norm, rms_norm_fwd_bf16),
+    KERNEL(rms_norm, rms_norm_bwd_f32),
+    KERNEL(rms_norm, rms_norm_bwd_bf16),
+    KERNEL(rope, rope_f32),
+    KERNEL(rope, rope_bf16),
+    KERNEL(cross_entropy, cross_entropy_fwd_f32),
+    KERNEL(cross_entropy, cross_entropy_fwd_bf16),
+    KERNEL(cross_entropy, cross_entropy_bwd_f32),
+    KERNEL(cross_entropy, cross_entropy_bwd_bf16),
     KERNEL(nf4_dequant, bf16_rounding_of_nf4_dequant),
     KERNEL(causal_softmax, bf16_rounding_of_elements),
     KERNEL(selftest, selftest_block_sum),

@@ -3,6 +3,9 @@
 //! that [`Fusions`] can switch it off for a before/after measurement.
 
 mod cpu;
+pub mod cross_entropy;
+pub mod rms_norm;
+pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 
@@ -27,6 +30,13 @@ pub struct Fusions {
     pub softmax: bool,
     /// The MLP's `silu(gate) · up` ([`swiglu::swiglu`]).
     pub swiglu: bool,
+    /// RMSNorm's statistics, scaling and weight ([`rms_norm::rms_norm`]).
+    pub rms_norm: bool,
+    /// The rotary position embedding of queries and keys ([`rope::rope`]).
+    pub rope: bool,
+    /// The loss's log-softmax and target pick over the vocabulary
+    /// ([`cross_entropy::cross_entropy`]).
+    pub cross_entropy: bool,
 }
 
 impl Fusions {
@@ -34,11 +44,17 @@ impl Fusions {
     pub const ALL: Self = Self {
         softmax: true,
         swiglu: true,
+        rms_norm: true,
+        rope: true,
+        cross_entropy: true,
     };
     /// Every fusion off: the unfused chains.
     pub const NONE: Self = Self {
         softmax: false,
         swiglu: false,
+        rms_norm: false,
+        rope: false,
+        cross_entropy: false,
     };
 }
 

@@ -1,0 +1,55 @@
+//! The fused rotary position embedding (`rope.cu`) on candle's stream: the CUDA side of
+//! `model::fused::rope`, whose CPU loop is the reference it mirrors bit for bit.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CudaStorage, Layout};
+
+use super::fused::{FusedKernel, Scalar, elementwise_grid, expect_lengths};
+use super::kernels::ROPE;
+use crate::model::fused::rope::Direction;
+
+const ROTATE: FusedKernel = FusedKernel {
+    source: &ROPE,
+    name: "rope",
+};
+
+/// A tensor's storage and layout.
+type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+/// `x` (contiguous, rows of `d` at positions `row % t`) rotated by the `[t, d/2]` tables
+/// `(cos, sin)`, in `direction`.
+pub fn rotate(
+    x: Input<'_>,
+    tables: [Input<'_>; 2],
+    t: usize,
+    d: usize,
+    direction: Direction,
+) -> candle_core::Result<CudaStorage> {
+    let len = x.1.shape().elem_count();
+    if t == 0 || d == 0 || !d.is_multiple_of(2) || !len.is_multiple_of(t * d) {
+        candle_core::bail!("rope: {len} values are not [..., {t}, {d}] with an even {d}");
+    }
+    expect_lengths("rope", &tables, t * d / 2)?;
+    let small =
+        |v: usize| u32::try_from(v).map_err(|_| candle_core::Error::msg("rope: tables too large"));
+    let pairs = len / 2;
+    let scalars = [
+        Scalar::U64(pairs as u64),
+        Scalar::U32(small(t)?),
+        Scalar::U32(small(d / 2)?),
+        Scalar::F32(direction.sign()),
+    ];
+    let [cos, sin] = tables;
+    // SAFETY: `rope_*(x, cos, sin, out, pairs, t, half, sign)` reads and writes `2 * pairs`
+    // values of x and out and `t * half` of each table (checked above: x is whole rows of
+    // `2 * half` at positions below t).
+    unsafe {
+        ROTATE.launch(
+            &[x, cos, sin],
+            x.0.dtype(),
+            len,
+            &scalars,
+            elementwise_grid(pairs),
+        )
+    }
+}

@@ -1,0 +1,297 @@
+//! The rotary position embedding as one op, in the half-split layout: for `x: [..., t, d]`
+//! and tables `cos, sin: [t, d/2]` (one dtype), each row at position `p` pairs its two halves
+//! `(x1, x2)` and rotates them, `(x1·cos - x2·sin, x2·cos + x1·sin)`, math in f32.
+//!
+//! Unfused, the forward is seven passes (two narrows, four products, a difference, a sum, a
+//! concatenation, each rounding in bf16) and the backward as many; fused, one. A rotation's
+//! gradient is the inverse rotation, which is the same op with `sin` negated (exact in any
+//! float type), so the backward is the forward kernel with a sign. The CPU loop below is the
+//! reference the CUDA kernel (`gpu/rope.cu`) mirrors formula for formula: with no
+//! transcendental inside, they agree bit for bit.
+
+use candle_core::{CpuStorage, CustomOp3, D, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{Element, cpu_inputs, each_dtype};
+
+/// `x: [..., t, d]` rotated by `cos, sin: [t, d/2]` (constants: they get no gradient).
+/// Differentiable in `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    check_shapes(x.dims(), cos.dims(), sin.dims())?;
+    if x.dtype() != cos.dtype() || x.dtype() != sin.dtype() {
+        candle_core::bail!(
+            "rope: x is {:?}, the tables {:?} and {:?}",
+            x.dtype(),
+            cos.dtype(),
+            sin.dtype()
+        );
+    }
+    if cos.track_op() || sin.track_op() {
+        candle_core::bail!("rope: the cos/sin tables must be constants, not tracked tensors");
+    }
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope {
+            direction: Direction::Forward,
+        },
+    )
+}
+
+/// The chain [`rope`] replaces (kept for the before/after measurement).
+pub fn rope_unfused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[&r1, &r2], D::Minus1)
+}
+
+/// `(t, d)` of `x: [..., t, d]` when the tables are `[t, d/2]` and `d` is even and non-zero.
+fn check_shapes(x: &[usize], cos: &[usize], sin: &[usize]) -> candle_core::Result<(usize, usize)> {
+    if let ([.., t, d], &[ct, half]) = (x, cos)
+        && cos == sin
+        && *d > 0
+        && d % 2 == 0
+        && ct == *t
+        && half == d / 2
+    {
+        return Ok((*t, *d));
+    }
+    candle_core::bail!(
+        "rope: x {x:?} needs [..., t, d] with tables [t, d/2], got {cos:?} and {sin:?}"
+    )
+}
+
+/// Which way to rotate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// By `+angle` (the forward pass).
+    Forward,
+    /// By `-angle`: the forward's gradient.
+    Inverse,
+}
+
+impl Direction {
+    /// The factor on `sin`.
+    pub fn sign(self) -> f32 {
+        match self {
+            Self::Forward => 1.0,
+            Self::Inverse => -1.0,
+        }
+    }
+}
+
+/// Rotates whole rows of `d` values: row `r` is position `r % t` of the tables.
+pub fn rotate_rows<T: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [T], t: usize, sign: f32) {
+    let half = cos.len() / t;
+    out.par_chunks_mut(2 * half)
+        .zip(x.par_chunks(2 * half))
+        .enumerate()
+        .for_each(|(row, (o, x))| {
+            let p = (row % t) * half;
+            let (o1, o2) = o.split_at_mut(half);
+            let (x1, x2) = x.split_at(half);
+            for j in 0..half {
+                let (c, s) = (cos[p + j].widen(), sign * sin[p + j].widen());
+                let (a, b) = (x1[j].widen(), x2[j].widen());
+                o1[j] = T::narrow(a * c - b * s);
+                o2[j] = T::narrow(b * c + a * s);
+            }
+        });
+}
+
+/// `(x or grad, cos, sin) -> rotated`.
+struct Rope {
+    direction: Direction,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, _) = check_shapes(l1.dims(), l2.dims(), l3.dims())?;
+        let inputs = cpu_inputs(self.name(), &[(s1, l1), (s2, l2), (s3, l3)])?;
+        let sign = self.direction.sign();
+        let out = each_dtype!(inputs, |v, out| rotate_rows(
+            v[0], v[1], v[2], &mut out, t, sign
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (t, d) = check_shapes(l1.dims(), l2.dims(), l3.dims())?;
+        let tables = [(s2, l2), (s3, l3)];
+        let out = crate::gpu::rope::rotate((s1, l1), tables, t, d, self.direction)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = Rope {
+            direction: match self.direction {
+                Direction::Forward => Direction::Inverse,
+                Direction::Inverse => Direction::Forward,
+            },
+        };
+        let grad = grad.contiguous()?.to_dtype(cos.dtype())?;
+        let dx = grad.apply_op3_no_bwd(cos, sin, &inverse)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// bf16-exact random values in `[-r, r)`.
+    fn random(dims: &[usize], seed: u64, r: f32, dtype: DType) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-r..r)).collect();
+        let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
+        t.to_dtype(DType::BF16).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    /// Tables of real angles `p · f_j`, as the model makes them.
+    fn tables(t: usize, half: usize, dtype: DType) -> (Tensor, Tensor) {
+        let angles: Vec<f32> = (0..t)
+            .flat_map(|p| (0..half).map(move |j| p as f32 / 10f32.powf(j as f32 / half as f32)))
+            .collect();
+        let make = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = angles.iter().map(|a| f(*a)).collect();
+            Tensor::from_vec(v, (t, half), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        (make(f32::cos), make(f32::sin))
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// `max |a - b| / max |b|`.
+    fn scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (flat(a), flat(b));
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// Output and d x through `Σ out · weights`.
+    fn run(dtype: DType, fused: bool) -> [Tensor; 2] {
+        let dims = [2, 3, 7, 10];
+        let x = Var::from_tensor(&random(&dims, 1, 3.0, dtype)).unwrap();
+        let (cos, sin) = tables(7, 5, dtype);
+        let weights = random(&dims, 3, 1.0, dtype);
+        let out = match fused {
+            true => rope(x.as_tensor(), &cos, &sin).unwrap(),
+            false => rope_unfused(x.as_tensor(), &cos, &sin).unwrap(),
+        };
+        assert_eq!(out.dtype(), dtype);
+        let loss = (&out * &weights).unwrap().to_dtype(DType::F32).unwrap();
+        let grads = loss.sum_all().unwrap().backward().unwrap();
+        [out, grads.get(x.as_tensor()).unwrap().clone()]
+    }
+
+    #[test]
+    fn matches_the_unfused_chain_in_f32() {
+        let (fused, plain) = (run(DType::F32, true), run(DType::F32, false));
+        for (i, (a, b)) in fused.iter().zip(&plain).enumerate() {
+            let d = scaled_diff(a, b);
+            assert!(d < 1e-6, "output/grad {i}: {d}");
+        }
+    }
+
+    #[test]
+    fn in_bf16_it_is_nearer_the_f32_values_than_the_chain() {
+        // The reference has f32 tables: rounding them and the output to bf16 costs up to about
+        // two bf16 steps (2^-8 each, relative); the chain rounds every product on top.
+        let reference = run(DType::F32, false);
+        let (fused, plain) = (run(DType::BF16, true), run(DType::BF16, false));
+        for i in 0..2 {
+            let ours = scaled_diff(&fused[i], &reference[i]);
+            let theirs = scaled_diff(&plain[i], &reference[i]);
+            assert!(
+                ours < 8e-3 && ours <= theirs,
+                "{i}: {ours} vs chain {theirs}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_backward_undoes_the_rotation() {
+        // A rotation is orthogonal: rotating back recovers x (to f32 rounding), which is what
+        // makes the inverse the gradient.
+        let x = random(&[3, 4, 8], 5, 2.0, DType::F32);
+        let (cos, sin) = tables(4, 4, DType::F32);
+        let there = rope(&x, &cos, &sin).unwrap();
+        let back = there
+            .apply_op3_no_bwd(
+                &cos,
+                &sin,
+                &Rope {
+                    direction: Direction::Inverse,
+                },
+            )
+            .unwrap();
+        assert!(scaled_diff(&back, &x) < 1e-6);
+        assert!(scaled_diff(&there, &x) > 0.1, "the tables rotate something");
+    }
+
+    #[test]
+    fn mismatched_inputs_are_errors() {
+        let x = random(&[2, 4, 8], 0, 1.0, DType::F32);
+        let (cos, sin) = tables(4, 4, DType::F32);
+        assert!(rope(&x, &cos, &sin).is_ok());
+        let (c3, s3) = tables(3, 4, DType::F32);
+        assert!(rope(&x, &c3, &s3).is_err());
+        let (c5, s5) = tables(4, 5, DType::F32);
+        assert!(rope(&x, &c5, &s5).is_err());
+        assert!(rope(&x, &cos, &s3).is_err());
+        let odd = random(&[2, 4, 7], 0, 1.0, DType::F32);
+        assert!(rope(&odd, &cos, &sin).is_err());
+        let (cb, sb) = tables(4, 4, DType::BF16);
+        assert!(rope(&x, &cb, &sb).is_err());
+        let tracked = Var::from_tensor(&cos).unwrap();
+        assert!(rope(&x, tracked.as_tensor(), &sin).is_err());
+    }
+}
