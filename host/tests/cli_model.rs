@@ -457,7 +457,14 @@ fn train_bench_reports_throughput_and_recomputation_keeps_the_loss() {
 /// losses agree to f32 rounding, and the report says which ops ran.
 #[test]
 fn train_bench_unfused_ops_give_the_same_losses() {
-    let ops = ["softmax", "swiglu", "rms_norm", "rope", "cross_entropy"];
+    let ops = [
+        "softmax",
+        "swiglu",
+        "rms_norm",
+        "rope",
+        "cross_entropy",
+        "lora_scale",
+    ];
     let fused = bench_json(&[]);
     for op in ops {
         assert_eq!(fused["fusions"][op], true, "{op}");
@@ -468,6 +475,7 @@ fn train_bench_unfused_ops_give_the_same_losses() {
         "rms-norm",
         "rope",
         "cross-entropy",
+        "lora-scale",
         "all",
     ] {
         let unfused = bench_json(&["--unfuse", off]);

@@ -120,6 +120,8 @@ pub enum FusionArg {
     Rope,
     /// The loss's log-softmax over the vocabulary.
     CrossEntropy,
+    /// The LoRA path's scale on the rank-wide product (a reordering, not a kernel).
+    LoraScale,
 }
 
 /// Every fusion except those named.
@@ -133,6 +135,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::RmsNorm => fusions.rms_norm = false,
             FusionArg::Rope => fusions.rope = false,
             FusionArg::CrossEntropy => fusions.cross_entropy = false,
+            FusionArg::LoraScale => fusions.lora_scale = false,
         }
     }
     fusions

@@ -118,7 +118,10 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let y = self.layers[layer].linear(kind).forward(x)?;
         match adapter {
-            Some(call) => call.add_delta(ModuleKey { layer, kind }, x, y),
+            Some(call) => {
+                let key = ModuleKey { layer, kind };
+                call.add_delta(key, x, y, self.fusions.lora_scale)
+            }
             None => Ok(y),
         }
     }
