@@ -22,7 +22,8 @@
 #   BATCH SEQ LAYERS STEPS WARMUP_STEPS R_MAX   train: (default 4 1024 32 6 2 64)
 #   UNFUSE                              train: the fused ops to measure "before", one run
 #                                       of ours each with that op switched off (default
-#                                       "softmax swiglu all"; empty for none)
+#                                       "softmax swiglu rms-norm rope cross-entropy
+#                                       lora-scale all"; empty for none)
 #   PEER_ONLY=1 / OURS_ONLY=1           train: run one side only
 #   NSYS=1                              train: also profile ours with Nsight Systems (if `nsys`
 #                                       is installed) and print its per-kernel time summary,
@@ -82,7 +83,7 @@ if [[ "$mode" == train ]]; then
         ours_json=$("${ours[@]}" --json)
         echo "qdylora: $ours_json"
         # Each fusion's "before": the same run with that op unfused.
-        for off in ${UNFUSE-softmax swiglu all}; do
+        for off in ${UNFUSE-softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
             one=$("${ours[@]}" --json --unfuse "$off")
             echo "qdylora --unfuse $off: $one"
             unfused_json=$(UNFUSED="$unfused_json" ONE="$one" OFF="$off" "$PYTHON" -c '
