@@ -1,19 +1,22 @@
 //! The fused attention softmax (`causal_softmax.cu`) on candle's stream: the CUDA side of
 //! `model::fused::softmax`, whose CPU rows are the reference it mirrors.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout};
 
-use super::fused::{FusedKernel, Scalar, expect_lengths, warp_per_row_grid};
+use super::fused::{FusedKernel, Param, Scalar, expect_lengths, warp_per_row_grid};
 use super::kernels::CAUSAL_SOFTMAX;
 
 const FORWARD: FusedKernel = FusedKernel {
     source: &CAUSAL_SOFTMAX,
     name: "causal_softmax_fwd",
+    inputs: &[Param::Float],
+    output: Param::Float,
 };
 const BACKWARD: FusedKernel = FusedKernel {
     source: &CAUSAL_SOFTMAX,
     name: "causal_softmax_bwd",
+    inputs: &[Param::Float, Param::Float],
+    output: Param::Float,
 };
 
 /// `rows` rows of `tk` scores, row `r` being query `r % tq`.
@@ -66,7 +69,7 @@ pub fn forward(
     expect_lengths("causal softmax", &[(scores, layout)], len)?;
     // SAFETY: `causal_softmax_fwd_*(scores, probs, rows, tq, tk, scale)` reads `rows * tk`
     // scores and writes as many probabilities (masked keys as 0), with `0 < tq <= tk`.
-    unsafe { FORWARD.launch(&[(scores, layout)], scores.dtype(), len, &scalars, cfg) }
+    unsafe { FORWARD.launch(&[(scores, layout)], len, &scalars, cfg) }
 }
 
 /// Score gradients from `scores` and the probabilities' gradients (same dtype and shape).
@@ -83,7 +86,7 @@ pub fn backward(
     expect_lengths("causal softmax", &inputs, len)?;
     // SAFETY: `causal_softmax_bwd_*(scores, grad_probs, grad_scores, rows, tq, tk, scale)`
     // reads `rows * tk` values of each input and writes as many, with `0 < tq <= tk`.
-    unsafe { BACKWARD.launch(&inputs, scores.dtype(), len, &scalars, cfg) }
+    unsafe { BACKWARD.launch(&inputs, len, &scalars, cfg) }
 }
 
 #[cfg(test)]

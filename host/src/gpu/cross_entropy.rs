@@ -1,20 +1,25 @@
 //! The fused cross-entropy (`cross_entropy.cu`) on candle's stream: the CUDA side of
 //! `model::fused::cross_entropy`, whose CPU rows are the reference it mirrors.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CudaStorage, DType, Layout};
+use candle_core::{CudaStorage, Layout};
 use cudarc::driver::LaunchConfig;
 
-use super::fused::{FusedKernel, Scalar, expect_lengths};
+use super::fused::{FusedKernel, Param, Scalar, expect_lengths};
 use super::kernels::CROSS_ENTROPY;
 
+/// `(logits, targets) -> f32 losses`.
 const FORWARD: FusedKernel = FusedKernel {
     source: &CROSS_ENTROPY,
     name: "cross_entropy_fwd",
+    inputs: &[Param::Float, Param::U32],
+    output: Param::F32,
 };
+/// `(logits, targets, f32 loss gradients) -> logit gradients`.
 const BACKWARD: FusedKernel = FusedKernel {
     source: &CROSS_ENTROPY,
     name: "cross_entropy_bwd",
+    inputs: &[Param::Float, Param::U32, Param::F32],
+    output: Param::Float,
 };
 
 /// Threads per block (`CE_THREADS` in the kernel: its shared memory is sized for it).
@@ -59,28 +64,6 @@ impl Rows {
     }
 }
 
-/// An error unless the logits are f32 or bf16, the targets u32 and (when given) the loss
-/// gradients f32: the kernels take their pointers with these types.
-fn expect_dtypes(
-    logits: &CudaStorage,
-    targets: &CudaStorage,
-    grad: Option<&CudaStorage>,
-) -> candle_core::Result<()> {
-    let grad_ok = grad.is_none_or(|g| g.dtype() == DType::F32);
-    if !matches!(logits.dtype(), DType::F32 | DType::BF16)
-        || targets.dtype() != DType::U32
-        || !grad_ok
-    {
-        candle_core::bail!(
-            "cross entropy: expected f32 or bf16 logits, u32 targets and f32 gradients, got {:?}, {:?}, {:?}",
-            logits.dtype(),
-            targets.dtype(),
-            grad.map(|g| g.dtype())
-        );
-    }
-    Ok(())
-}
-
 /// Per-row losses (f32, `rows` values) of `logits` (f32 or bf16, contiguous `[rows, vocab]`)
 /// and `targets` (u32, `rows`). A target `>= vocab` gives NaN for its row.
 pub fn forward(
@@ -89,13 +72,12 @@ pub fn forward(
     shape: Rows,
 ) -> candle_core::Result<CudaStorage> {
     let (scalars, cfg, len) = shape.launch()?;
-    expect_dtypes(logits.0, targets.0, None)?;
     expect_lengths("cross entropy", &[logits], len)?;
     expect_lengths("cross entropy", &[targets], shape.rows)?;
     // SAFETY: `cross_entropy_fwd_*(logits, targets, losses, rows, vocab)` reads `rows * vocab`
-    // logits and `rows` targets (types checked above), never a logit at a target `>= vocab`,
+    // logits and `rows` targets (lengths checked above, types by `launch`), never a logit at a target `>= vocab`,
     // and writes `rows` f32 losses, one block per row.
-    unsafe { FORWARD.launch(&[logits, targets], DType::F32, shape.rows, &scalars, cfg) }
+    unsafe { FORWARD.launch(&[logits, targets], shape.rows, &scalars, cfg) }
 }
 
 /// Logit gradients (the logits' dtype, `[rows, vocab]`) from the logits, the targets and the
@@ -107,21 +89,12 @@ pub fn backward(
     shape: Rows,
 ) -> candle_core::Result<CudaStorage> {
     let (scalars, cfg, len) = shape.launch()?;
-    expect_dtypes(logits.0, targets.0, Some(grad.0))?;
     expect_lengths("cross entropy", &[logits], len)?;
     expect_lengths("cross entropy", &[targets, grad], shape.rows)?;
     // SAFETY: `cross_entropy_bwd_*(logits, targets, grad, grad_logits, rows, vocab)` reads
-    // `rows * vocab` logits, `rows` targets and `rows` gradients (types checked above) and
+    // `rows * vocab` logits, `rows` targets and `rows` gradients (lengths checked above, types by `launch`) and
     // writes `rows * vocab` values in the logits' dtype, one block per row.
-    unsafe {
-        BACKWARD.launch(
-            &[logits, targets, grad],
-            logits.0.dtype(),
-            len,
-            &scalars,
-            cfg,
-        )
-    }
+    unsafe { BACKWARD.launch(&[logits, targets, grad], len, &scalars, cfg) }
 }
 
 #[cfg(test)]

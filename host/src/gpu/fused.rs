@@ -1,8 +1,9 @@
 //! Launching the fused-op kernels on candle's stream. Every one follows one convention, so one
-//! launcher serves them all: `name_f32` / `name_bf16` (by the first input's dtype) take the
-//! input pointers, then the output pointer, then scalar arguments. Each input is passed as the
-//! contiguous values of its layout, in its own dtype (f32, bf16 or u32: token ids ride along
-//! with activations); the output is a new buffer of a given dtype and length.
+//! launcher serves them all: `name_f32` / `name_bf16` take the input pointers, then the output
+//! pointer, then scalar arguments. Each kernel declares its pointers' types ([`Param`]): the
+//! activations' float type, which picks the suffix, or a fixed f32 or u32 (token ids and
+//! per-row losses ride along with bf16 activations). The launcher checks the inputs against
+//! that declaration, so a wrong dtype is an error, never a misread buffer.
 //!
 //! **Not yet run on a GPU.** `host/tests/cuda_kernels_emulated.rs` runs the kernel sources on
 //! CPU threads under an emulation of the CUDA thread model.
@@ -26,12 +27,39 @@ pub enum Scalar {
     F32(f32),
 }
 
-/// A kernel from `source` named `name_f32` or `name_bf16` by the first input's dtype.
+/// The type of a kernel's pointer parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    /// The kernel's float type: `float` in `name_f32`, bf16 bits in `name_bf16`.
+    Float,
+    /// Always `float`.
+    F32,
+    /// Always `u32`.
+    U32,
+}
+
+impl Param {
+    /// The dtype this parameter takes when the kernel's float type is `float`.
+    fn dtype(self, float: DType) -> DType {
+        match self {
+            Self::Float => float,
+            Self::F32 => DType::F32,
+            Self::U32 => DType::U32,
+        }
+    }
+}
+
+/// A kernel from `source` named `name_f32` or `name_bf16` by its float type, with its pointer
+/// parameters' types.
 pub struct FusedKernel {
     /// The compiled source.
     pub source: &'static KernelSource,
     /// The name without its dtype suffix.
     pub name: &'static str,
+    /// The inputs' types, in order (at least one [`Param::Float`]).
+    pub inputs: &'static [Param],
+    /// The output's type.
+    pub output: Param,
 }
 
 /// The contiguous values of one input, in its dtype.
@@ -48,39 +76,61 @@ enum Output {
 }
 
 impl FusedKernel {
-    /// Runs the kernel over contiguous `inputs` into a new output of `out_len` values of
-    /// `out_dtype` (f32 or bf16).
+    /// The kernel's float type for inputs of `dtypes`, or an error unless they are what
+    /// [`FusedKernel::inputs`] declares (one float type, f32 or bf16, for every `Float`).
+    fn float_type(&self, dtypes: &[DType]) -> candle_core::Result<DType> {
+        let float = self
+            .inputs
+            .iter()
+            .zip(dtypes)
+            .find(|(p, _)| **p == Param::Float)
+            .map(|(_, d)| *d);
+        let matches = |float: DType| {
+            dtypes.len() == self.inputs.len()
+                && self
+                    .inputs
+                    .iter()
+                    .zip(dtypes)
+                    .all(|(p, d)| p.dtype(float) == *d)
+        };
+        match float {
+            Some(float @ (DType::F32 | DType::BF16)) if matches(float) => Ok(float),
+            _ => candle_core::bail!(
+                "{}: inputs {dtypes:?} do not fit the kernel's {:?} (Float: f32 or bf16)",
+                self.name,
+                self.inputs
+            ),
+        }
+    }
+
+    /// Runs the kernel over contiguous `inputs` (checked against [`FusedKernel::inputs`]) into
+    /// a new output of `out_len` values.
     ///
     /// # Safety
-    /// The kernel's signature must be `(inputs..., out, scalars...)` with these types, it must
-    /// write all `out_len` output values, and read no input past its layout's element count.
+    /// The kernel's signature must be `(inputs..., out, scalars...)` with the declared pointer
+    /// types and these scalars, it must write all `out_len` output values, and read no input
+    /// past its layout's element count.
     pub unsafe fn launch(
         &self,
         inputs: &[(&CudaStorage, &Layout)],
-        out_dtype: DType,
         out_len: usize,
         scalars: &[Scalar],
         cfg: LaunchConfig,
     ) -> candle_core::Result<CudaStorage> {
-        let Some((first, _)) = inputs.first() else {
-            candle_core::bail!("{}: no inputs", self.name);
-        };
-        let suffix = match first.dtype() {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            other => candle_core::bail!("{}: f32 or bf16 tensors, got {other:?}", self.name),
-        };
+        let dtypes: Vec<DType> = inputs.iter().map(|(s, _)| s.dtype()).collect();
+        let float = self.float_type(&dtypes)?;
+        let suffix = if float == DType::F32 { "f32" } else { "bf16" };
         let views = inputs
             .iter()
             .map(|(storage, layout)| view(self.name, storage, layout))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let dev = first.device().clone();
+        let dev = inputs[0].0.device().clone();
         let func = self
             .source
             .function(&dev, &format!("{}_{suffix}", self.name))?;
         // SAFETY (both allocations): the caller's contract: the kernel writes all `out_len`
         // values before anything on this stream reads them.
-        let mut out = match out_dtype {
+        let mut out = match self.output.dtype(float) {
             DType::F32 => Output::F32(unsafe { dev.alloc::<f32>(out_len) }?),
             DType::BF16 => Output::Bf16(unsafe { dev.alloc::<bf16>(out_len) }?),
             other => candle_core::bail!("{}: no {other:?} output", self.name),
@@ -192,5 +242,35 @@ mod tests {
         assert_eq!(elementwise_grid(0).grid_dim, (1, 1, 1));
         assert_eq!(elementwise_grid(257).grid_dim, (2, 1, 1));
         assert_eq!(elementwise_grid(1 << 40).grid_dim, (65_535, 1, 1));
+    }
+
+    #[test]
+    fn inputs_must_match_the_declared_parameters() {
+        use DType::{BF16, F16, F32, U32};
+        let kernel = FusedKernel {
+            source: &super::super::kernels::CROSS_ENTROPY,
+            name: "k",
+            inputs: &[Param::Float, Param::U32, Param::F32],
+            output: Param::Float,
+        };
+        assert_eq!(kernel.float_type(&[BF16, U32, F32]).unwrap(), BF16);
+        assert_eq!(kernel.float_type(&[F32, U32, F32]).unwrap(), F32);
+        for bad in [
+            &[BF16, U32, BF16][..], // the fixed f32 given bf16
+            &[BF16, F32, F32],      // u32 ids given floats
+            &[F16, U32, F32],       // no f16 kernels
+            &[BF16, U32],           // one input short
+            &[BF16, U32, F32, F32], // one too many
+        ] {
+            assert!(kernel.float_type(bad).is_err(), "{bad:?}");
+        }
+        let same = FusedKernel {
+            inputs: &[Param::Float, Param::Float],
+            ..kernel
+        };
+        assert!(
+            same.float_type(&[F32, BF16]).is_err(),
+            "one float type per launch"
+        );
     }
 }

@@ -1,20 +1,23 @@
 //! The fused RMSNorm (`rms_norm.cu`) on candle's stream: the CUDA side of
 //! `model::fused::rms_norm`, whose CPU rows are the reference it mirrors.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout};
 use cudarc::driver::LaunchConfig;
 
-use super::fused::{FusedKernel, Scalar, expect_lengths, warp_per_row_grid};
+use super::fused::{FusedKernel, Param, Scalar, expect_lengths, warp_per_row_grid};
 use super::kernels::RMS_NORM;
 
 const FORWARD: FusedKernel = FusedKernel {
     source: &RMS_NORM,
     name: "rms_norm_fwd",
+    inputs: &[Param::Float, Param::Float],
+    output: Param::Float,
 };
 const BACKWARD: FusedKernel = FusedKernel {
     source: &RMS_NORM,
     name: "rms_norm_bwd",
+    inputs: &[Param::Float, Param::Float, Param::Float],
+    output: Param::Float,
 };
 
 /// A tensor's storage and layout.
@@ -53,7 +56,7 @@ pub fn forward(
     let (scalars, cfg, len) = rows_of(x, weight, None, n, eps)?;
     // SAFETY: `rms_norm_fwd_*(x, weight, out, rows, n, eps)` reads `rows * n` values of x and
     // `n` of the weight (both checked above) and writes `rows * n`.
-    unsafe { FORWARD.launch(&[x, weight], x.0.dtype(), len, &scalars, cfg) }
+    unsafe { FORWARD.launch(&[x, weight], len, &scalars, cfg) }
 }
 
 /// The gradient w.r.t. `x` from `x`, the weight and the output's gradient.
@@ -67,5 +70,5 @@ pub fn backward(
     let (scalars, cfg, len) = rows_of(x, weight, Some(grad), n, eps)?;
     // SAFETY: `rms_norm_bwd_*(x, weight, grad, out, rows, n, eps)` reads `rows * n` values of
     // x and of grad and `n` of the weight (checked above) and writes `rows * n`.
-    unsafe { BACKWARD.launch(&[x, weight, grad], x.0.dtype(), len, &scalars, cfg) }
+    unsafe { BACKWARD.launch(&[x, weight, grad], len, &scalars, cfg) }
 }

@@ -1,16 +1,17 @@
 //! The fused rotary position embedding (`rope.cu`) on candle's stream: the CUDA side of
 //! `model::fused::rope`, whose CPU loop is the reference it mirrors bit for bit.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout};
 
-use super::fused::{FusedKernel, Scalar, elementwise_grid, expect_lengths};
+use super::fused::{FusedKernel, Param, Scalar, elementwise_grid, expect_lengths};
 use super::kernels::ROPE;
 use crate::model::fused::rope::Direction;
 
 const ROTATE: FusedKernel = FusedKernel {
     source: &ROPE,
     name: "rope",
+    inputs: &[Param::Float, Param::Float, Param::Float],
+    output: Param::Float,
 };
 
 /// A tensor's storage and layout.
@@ -43,13 +44,5 @@ pub fn rotate(
     // SAFETY: `rope_*(x, cos, sin, out, pairs, t, half, sign)` reads and writes `2 * pairs`
     // values of x and out and `t * half` of each table (checked above: x is whole rows of
     // `2 * half` at positions below t).
-    unsafe {
-        ROTATE.launch(
-            &[x, cos, sin],
-            x.0.dtype(),
-            len,
-            &scalars,
-            elementwise_grid(pairs),
-        )
-    }
+    unsafe { ROTATE.launch(&[x, cos, sin], len, &scalars, elementwise_grid(pairs)) }
 }

@@ -1,9 +1,8 @@
 //! The fused SwiGLU (`swiglu.cu`) on candle's stream: the CUDA side of `model::fused::swiglu`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout};
 
-use super::fused::{FusedKernel, Scalar, elementwise_grid, expect_lengths};
+use super::fused::{FusedKernel, Param, Scalar, elementwise_grid, expect_lengths};
 use super::kernels::SWIGLU;
 
 /// Which kernel: the forward product or one of the two gradients.
@@ -19,22 +18,16 @@ pub enum Pass {
 
 impl Pass {
     const fn kernel(self) -> FusedKernel {
-        let name = match self {
-            Self::Forward => "swiglu_fwd",
-            Self::GradGate => "swiglu_bwd_gate",
-            Self::GradUp => "swiglu_bwd_up",
+        let (name, inputs): (_, &[Param]) = match self {
+            Self::Forward => ("swiglu_fwd", &[Param::Float; 2]),
+            Self::GradGate => ("swiglu_bwd_gate", &[Param::Float; 3]),
+            Self::GradUp => ("swiglu_bwd_up", &[Param::Float; 2]),
         };
         FusedKernel {
             source: &SWIGLU,
             name,
-        }
-    }
-
-    /// How many inputs the kernel takes.
-    pub const fn inputs(self) -> usize {
-        match self {
-            Self::Forward | Self::GradUp => 2,
-            Self::GradGate => 3,
+            inputs,
+            output: Param::Float,
         }
     }
 }
@@ -45,23 +38,12 @@ pub fn run(
     inputs: &[(&CudaStorage, &Layout)],
     n: usize,
 ) -> candle_core::Result<CudaStorage> {
-    if inputs.len() != pass.inputs() {
-        candle_core::bail!(
-            "swiglu {pass:?}: {} inputs, expected {}",
-            inputs.len(),
-            pass.inputs()
-        );
-    }
     expect_lengths("swiglu", inputs, n)?;
-    // SAFETY: each kernel's signature is (inputs..., out, u64 n) with the input count and
-    // lengths checked above; it reads and writes exactly `n` values of each (grid-stride loop).
+    // SAFETY: each kernel's signature is (inputs..., out, u64 n), its inputs as declared in
+    // `Pass::kernel` (checked by `launch`) and `n` long (checked above); it reads and writes
+    // exactly `n` values of each (grid-stride loop).
     unsafe {
-        pass.kernel().launch(
-            inputs,
-            inputs[0].0.dtype(),
-            n,
-            &[Scalar::U64(n as u64)],
-            elementwise_grid(n),
-        )
+        pass.kernel()
+            .launch(inputs, n, &[Scalar::U64(n as u64)], elementwise_grid(n))
     }
 }
