@@ -194,6 +194,11 @@ fn bf16s(bytes: &[u8]) -> Vec<bf16> {
         .collect()
 }
 
+/// The values rounded to bf16.
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
 fn u32_bytes(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -597,7 +602,6 @@ fn swiglu_matches_the_cpu_values_bit_for_bit() {
         let case = format!("{n} values, grid {grid}");
         swiglu_kernels_match(&gate, &up, &grad, grid, &case);
         // bf16 storage: the inputs rounded first, the reference on the same bf16 values.
-        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
         swiglu_kernels_match(&to_bf16(&gate), &to_bf16(&up), &to_bf16(&grad), grid, &case);
     }
 }
@@ -686,7 +690,6 @@ fn rms_norm_matches_the_cpu_rows() {
             .collect();
         let case = format!("{rows} rows of {n}");
         rms_norm_kernels_match(&x, &w, &grad, n, 0.0, &case);
-        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
         // bf16: the forward rounds twice (before and after the weight, as transformers does),
         // so a last-bit difference in the statistic can move it two steps; the backward once.
         rms_norm_kernels_match(
@@ -804,7 +807,6 @@ fn rope_matches_the_cpu_rows_bit_for_bit() {
         let sin: Vec<f32> = (0..t * half).map(|i| angle(i).sin()).collect();
         let case = format!("[{outer}, {t}, {d}], grid {grid}");
         rope_kernel_matches(&x, &cos, &sin, t, grid, &case);
-        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
         rope_kernel_matches(&to_bf16(&x), &to_bf16(&cos), &to_bf16(&sin), t, grid, &case);
     }
 }
@@ -868,7 +870,6 @@ fn cross_entropy_matches_f64_rows() {
         let grad: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let case = format!("{rows} rows of {vocab} around {centre}");
         cross_entropy_kernels_match(&logits, &targets, &grad, 0.0, &case);
-        let to_bf16 = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
         cross_entropy_kernels_match(&to_bf16(&logits), &targets, &grad, 2f32.powi(-8), &case);
     }
 }

@@ -8,6 +8,8 @@ pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
+#[cfg(test)]
+mod test_support;
 
 use candle_core::{Layout, Shape};
 

@@ -206,42 +206,18 @@ impl CustomOp3 for RmsNormGrad {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{bf16_exact, scaled_diff};
     use super::*;
     use candle_core::{Device, Var};
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
 
     const EPS: f32 = 1e-5;
-
-    /// bf16-exact random values, so f32 and bf16 runs start from the same inputs.
-    fn random(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
-        let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
-        t.to_dtype(DType::BF16).unwrap().to_dtype(dtype).unwrap()
-    }
-
-    /// `max |a - b| / max |b|`.
-    fn scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let flat = |t: &Tensor| -> Vec<f32> {
-            let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-            t.to_vec1().unwrap()
-        };
-        let (a, b) = (flat(a), flat(b));
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
-    }
 
     /// Output, d x and d weight (the weight tracked) through `Σ out · weights`.
     fn run(dtype: DType, fused: bool) -> [Tensor; 3] {
         let dims = [3, 5, 67];
-        let x = Var::from_tensor(&random(&dims, 1, dtype)).unwrap();
-        let w = Var::from_tensor(&random(&[67], 2, dtype)).unwrap();
-        let weights = random(&dims, 3, dtype);
+        let x = Var::from_tensor(&bf16_exact(&dims, 1, 3.0, dtype)).unwrap();
+        let w = Var::from_tensor(&bf16_exact(&[67], 2, 3.0, dtype)).unwrap();
+        let weights = bf16_exact(&dims, 3, 3.0, dtype);
         let out = match fused {
             true => rms_norm(x.as_tensor(), w.as_tensor(), EPS).unwrap(),
             false => rms_norm_unfused(x.as_tensor(), w.as_tensor(), EPS).unwrap(),
@@ -281,8 +257,8 @@ mod tests {
 
     #[test]
     fn an_untracked_weight_gets_no_gradient() {
-        let x = Var::from_tensor(&random(&[4, 8], 1, DType::F32)).unwrap();
-        let w = random(&[8], 2, DType::F32);
+        let x = Var::from_tensor(&bf16_exact(&[4, 8], 1, 3.0, DType::F32)).unwrap();
+        let w = bf16_exact(&[8], 2, 3.0, DType::F32);
         let out = rms_norm(x.as_tensor(), &w, EPS).unwrap();
         let grads = out.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(x.as_tensor()).is_some());
@@ -293,7 +269,7 @@ mod tests {
     fn a_zero_row_stays_finite() {
         let x =
             Var::from_tensor(&Tensor::zeros((2, 16), DType::F32, &Device::Cpu).unwrap()).unwrap();
-        let w = random(&[16], 2, DType::F32);
+        let w = bf16_exact(&[16], 2, 3.0, DType::F32);
         let out = rms_norm(x.as_tensor(), &w, EPS).unwrap();
         let grads = out.sum_all().unwrap().backward().unwrap();
         let dx: Vec<f32> = grads
@@ -321,10 +297,10 @@ mod tests {
 
     #[test]
     fn mismatched_inputs_are_errors() {
-        let x = random(&[2, 8], 0, DType::F32);
-        assert!(rms_norm(&x, &random(&[7], 0, DType::F32), EPS).is_err());
-        assert!(rms_norm(&x, &random(&[2, 8], 0, DType::F32), EPS).is_err());
-        assert!(rms_norm(&x, &random(&[8], 0, DType::BF16), EPS).is_err());
+        let x = bf16_exact(&[2, 8], 0, 3.0, DType::F32);
+        assert!(rms_norm(&x, &bf16_exact(&[7], 0, 3.0, DType::F32), EPS).is_err());
+        assert!(rms_norm(&x, &bf16_exact(&[2, 8], 0, 3.0, DType::F32), EPS).is_err());
+        assert!(rms_norm(&x, &bf16_exact(&[8], 0, 3.0, DType::BF16), EPS).is_err());
         let empty = Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap();
         assert!(
             rms_norm(

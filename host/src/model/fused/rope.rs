@@ -168,19 +168,9 @@ impl CustomOp3 for Rope {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{bf16_exact, scaled_diff};
     use super::*;
     use candle_core::{DType, Device, Var};
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-
-    /// bf16-exact random values in `[-r, r)`.
-    fn random(dims: &[usize], seed: u64, r: f32, dtype: DType) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-r..r)).collect();
-        let t = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
-        t.to_dtype(DType::BF16).unwrap().to_dtype(dtype).unwrap()
-    }
 
     /// Tables of real angles `p · f_j`, as the model makes them.
     fn tables(t: usize, half: usize, dtype: DType) -> (Tensor, Tensor) {
@@ -197,31 +187,12 @@ mod tests {
         (make(f32::cos), make(f32::sin))
     }
 
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    /// `max |a - b| / max |b|`.
-    fn scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (flat(a), flat(b));
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
-    }
-
     /// Output and d x through `Σ out · weights`.
     fn run(dtype: DType, fused: bool) -> [Tensor; 2] {
         let dims = [2, 3, 7, 10];
-        let x = Var::from_tensor(&random(&dims, 1, 3.0, dtype)).unwrap();
+        let x = Var::from_tensor(&bf16_exact(&dims, 1, 3.0, dtype)).unwrap();
         let (cos, sin) = tables(7, 5, dtype);
-        let weights = random(&dims, 3, 1.0, dtype);
+        let weights = bf16_exact(&dims, 3, 1.0, dtype);
         let out = match fused {
             true => rope(x.as_tensor(), &cos, &sin).unwrap(),
             false => rope_unfused(x.as_tensor(), &cos, &sin).unwrap(),
@@ -261,7 +232,7 @@ mod tests {
     fn the_backward_undoes_the_rotation() {
         // A rotation is orthogonal: rotating back recovers x (to f32 rounding), which is what
         // makes the inverse the gradient.
-        let x = random(&[3, 4, 8], 5, 2.0, DType::F32);
+        let x = bf16_exact(&[3, 4, 8], 5, 2.0, DType::F32);
         let (cos, sin) = tables(4, 4, DType::F32);
         let there = rope(&x, &cos, &sin).unwrap();
         let back = there
@@ -279,7 +250,7 @@ mod tests {
 
     #[test]
     fn mismatched_inputs_are_errors() {
-        let x = random(&[2, 4, 8], 0, 1.0, DType::F32);
+        let x = bf16_exact(&[2, 4, 8], 0, 1.0, DType::F32);
         let (cos, sin) = tables(4, 4, DType::F32);
         assert!(rope(&x, &cos, &sin).is_ok());
         let (c3, s3) = tables(3, 4, DType::F32);
@@ -287,7 +258,7 @@ mod tests {
         let (c5, s5) = tables(4, 5, DType::F32);
         assert!(rope(&x, &c5, &s5).is_err());
         assert!(rope(&x, &cos, &s3).is_err());
-        let odd = random(&[2, 4, 7], 0, 1.0, DType::F32);
+        let odd = bf16_exact(&[2, 4, 7], 0, 1.0, DType::F32);
         assert!(rope(&odd, &cos, &sin).is_err());
         let (cb, sb) = tables(4, 4, DType::BF16);
         assert!(rope(&x, &cb, &sb).is_err());

@@ -164,43 +164,16 @@ impl CustomOp3 for SwigluGrad {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{bf16_exact, scaled_diff};
     use super::*;
     use candle_core::{DType, Device, Var};
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-
-    fn random(dims: &[usize], seed: u64) -> Tensor {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-6.0..6.0)).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    /// `max |a - b| / max |b|`.
-    fn scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let flat = |t: &Tensor| -> Vec<f32> {
-            let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-            t.to_vec1().unwrap()
-        };
-        let (a, b) = (flat(a), flat(b));
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
-    }
 
     /// Output and both gradients, through `Σ out · weights`, of the inputs made by `seed` in
     /// `dtype`, fused or candle's `silu() * up`.
     fn run(dtype: DType, fused: bool) -> [Tensor; 3] {
         let dims = [3, 5, 37];
-        let input = |seed| {
-            random(&dims, seed)
-                .to_dtype(DType::BF16)
-                .unwrap()
-                .to_dtype(dtype)
-        };
-        let (gate, up, weights) = (input(1).unwrap(), input(2).unwrap(), input(3).unwrap());
+        let input = |seed| bf16_exact(&dims, seed, 6.0, dtype);
+        let (gate, up, weights) = (input(1), input(2), input(3));
         let (g, u) = (
             Var::from_tensor(&gate).unwrap(),
             Var::from_tensor(&up).unwrap(),
@@ -243,8 +216,8 @@ mod tests {
 
     #[test]
     fn mismatched_inputs_are_errors() {
-        let a = random(&[2, 3], 0);
-        assert!(swiglu(&a, &random(&[3, 2], 0)).is_err());
+        let a = bf16_exact(&[2, 3], 0, 6.0, DType::F32);
+        assert!(swiglu(&a, &bf16_exact(&[3, 2], 0, 6.0, DType::F32)).is_err());
         assert!(swiglu(&a, &a.to_dtype(DType::BF16).unwrap()).is_err());
         let ints = Tensor::zeros((2, 3), DType::U32, &Device::Cpu).unwrap();
         assert!(swiglu(&ints, &ints).is_err());
