@@ -23,6 +23,14 @@ pub fn linear_forward(x: &Tensor, w: &Arc<CudaNf4Weight>) -> candle_core::Result
         .apply_op1(Nf4LinearForward { weight: w.clone() })
 }
 
+/// `g [m, out] -> g W [m, in]`: the input gradient of [`linear_forward`], dequantizing `W`
+/// again. Records no autograd graph.
+pub fn linear_input_grad(g: &Tensor, w: &Arc<CudaNf4Weight>) -> candle_core::Result<Tensor> {
+    check_input("nf4 linear input gradient", g.dims(), g.dtype(), w.rows())?;
+    g.contiguous()?
+        .apply_op1_no_bwd(&Nf4LinearInputGrad { weight: w.clone() })
+}
+
 /// Which side of the weight a product uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Product {
@@ -149,12 +157,7 @@ impl CustomOp1 for Nf4LinearForward {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         // W is frozen: only the input gradient, dequantizing W again instead of keeping it.
-        let grad = grad_res
-            .contiguous()?
-            .apply_op1_no_bwd(&Nf4LinearInputGrad {
-                weight: self.weight.clone(),
-            })?;
-        Ok(Some(grad))
+        linear_input_grad(grad_res, &self.weight).map(Some)
     }
 }
 

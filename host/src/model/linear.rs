@@ -71,6 +71,21 @@ impl BaseLinear {
         }
     }
 
+    /// The input gradient `grad W` of [`BaseLinear::forward`] for `grad: [..., out]`, `[..., in]`
+    /// (the weight is frozen: no weight gradient). Records no autograd graph.
+    pub fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Nf4(w) => on_rows(grad, w.rows, w.cols, |g| {
+                g.apply_op1_no_bwd(&Nf4LinearInputGradOp { weight: w.clone() })
+            }),
+            Self::Dense { weight_t } => grad.broadcast_matmul(&weight_t.detach().t()?),
+            #[cfg(feature = "cuda")]
+            Self::Nf4Cuda(w) => on_rows(grad, w.rows(), w.cols(), |g| {
+                crate::gpu::nf4_linear::linear_input_grad(g, w)
+            }),
+        }
+    }
+
     /// Bytes this linear keeps resident.
     pub fn resident_bytes(&self) -> usize {
         match self {
@@ -83,7 +98,8 @@ impl BaseLinear {
 }
 
 /// Applies `op`, a product over `[m, cols]` rows, to `x: [..., cols]` flattened to rows, and
-/// restores the leading dims around the `rows` outputs.
+/// restores the leading dims around the `rows` outputs (for the input gradient, `cols` is the
+/// weight's rows and `rows` its columns).
 fn on_rows(
     x: &Tensor,
     cols: usize,

@@ -28,7 +28,8 @@ pub struct Layer {
 }
 
 impl Layer {
-    fn linear(&self, kind: LinearKind) -> &BaseLinear {
+    /// The base linear of `kind`.
+    pub(crate) fn linear(&self, kind: LinearKind) -> &BaseLinear {
         let i = LinearKind::ALL
             .iter()
             .position(|k| *k == kind)
@@ -106,6 +107,13 @@ impl Rope {
 pub struct Positions {
     rope: Rope,
     mask: Option<Tensor>,
+}
+
+impl Positions {
+    /// The RoPE tables `(cos, sin)`, `[t, head_dim / 2]` each in the activations' dtype.
+    pub(crate) fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.rope.cos, &self.rope.sin)
+    }
 }
 
 impl Llama {
@@ -281,7 +289,7 @@ impl Llama {
 }
 
 /// `[b, kv, t, hd] -> [b, kv * n, t, hd]`, each key/value head serving `n` query heads.
-fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     if n == 1 {
         return Ok(x.clone());
     }

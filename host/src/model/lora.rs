@@ -51,6 +51,17 @@ pub enum RankGrad {
     All,
 }
 
+impl RankGrad {
+    /// The rank indices (rows of `A`, columns of `B`) that learn at rank `r`.
+    pub fn learning_rows(self, r: usize) -> std::ops::Range<usize> {
+        match self {
+            Self::None => 0..0,
+            Self::Last => r.saturating_sub(1)..r,
+            Self::All => 0..r,
+        }
+    }
+}
+
 /// One adapted linear.
 #[derive(Debug)]
 pub struct LoraModule {
@@ -208,8 +219,18 @@ pub struct Dropout {
 impl Dropout {
     /// `x * mask / (1 - p)`.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.mask_for(x)? {
+            Some(mask) => x.mul(&mask),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The next mask for a tensor like `x` (its shape and dtype), holding `1 / (1 - p)` where
+    /// an element is kept and 0 where it is dropped; `None` when `p` drops nothing. Draws as
+    /// many values as [`Dropout::apply`] does, so the two can stand in for each other.
+    pub fn mask_for(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 - self.p;
         let mut rng = self.rng.borrow_mut();
@@ -222,7 +243,8 @@ impl Dropout {
                 }
             })
             .collect();
-        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(Some(mask))
     }
 }
 

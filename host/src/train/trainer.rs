@@ -230,10 +230,11 @@ impl<'m> Trainer<'m> {
         let started = Instant::now();
         let c = &self.config;
         let rank = self.rank_for_step(self.step);
-        let (grad_rule, rows) = match c.mode {
-            RankMode::Frozen => (RankGrad::Last, rank - 1..rank),
-            RankMode::Full | RankMode::Fixed(_) => (RankGrad::All, 0..rank),
+        let grad_rule = match c.mode {
+            RankMode::Frozen => RankGrad::Last,
+            RankMode::Full | RankMode::Fixed(_) => RankGrad::All,
         };
+        let rows = grad_rule.learning_rows(rank);
         let batches: Vec<Batch> = (0..c.grad_accum)
             .map(|_| {
                 let idx = self

@@ -28,6 +28,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Te
         .apply_op2(&weight.contiguous()?, RmsNorm { eps })
 }
 
+/// The gradient of [`rms_norm`] with respect to `x`, for a frozen weight: `grad` (any float
+/// dtype, rounded to `x`'s) back through the row's scaling. Records no autograd graph.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let grad = grad.contiguous()?.to_dtype(x.dtype())?;
+    x.contiguous()?
+        .apply_op3_no_bwd(&weight.contiguous()?, &grad, &RmsNormGrad { eps })
+}
+
 /// The chain [`rms_norm`] replaces (kept for the before/after measurement).
 pub fn rms_norm_unfused(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
@@ -131,10 +144,9 @@ impl CustomOp2 for RmsNorm {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?.to_dtype(x.dtype())?;
-        let dx = x.apply_op3_no_bwd(weight, &grad, &RmsNormGrad { eps: self.eps })?;
+        let dx = rms_norm_backward(x, weight, grad, self.eps)?;
         let dw = match weight.track_op() {
-            true => Some(self.weight_grad(x, weight, &grad)?),
+            true => Some(self.weight_grad(x, weight, &grad.to_dtype(x.dtype())?)?),
             false => None,
         };
         Ok((Some(dx), dw))

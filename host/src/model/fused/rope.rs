@@ -38,6 +38,23 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     )
 }
 
+/// The gradient of [`rope`] with respect to `x`: `grad` (any float dtype, rounded to the
+/// tables') rotated back by the same angles. Records no autograd graph.
+pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    check_shapes(grad.dims(), cos.dims(), sin.dims())?;
+    rotate_no_grad(grad, cos, sin, Direction::Inverse)
+}
+
+fn rotate_no_grad(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    direction: Direction,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?.to_dtype(cos.dtype())?;
+    x.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Rope { direction })
+}
+
 /// The chain [`rope`] replaces (kept for the before/after measurement).
 pub fn rope_unfused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
@@ -154,14 +171,11 @@ impl CustomOp3 for Rope {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let inverse = Rope {
-            direction: match self.direction {
-                Direction::Forward => Direction::Inverse,
-                Direction::Inverse => Direction::Forward,
-            },
+        let inverse = match self.direction {
+            Direction::Forward => Direction::Inverse,
+            Direction::Inverse => Direction::Forward,
         };
-        let grad = grad.contiguous()?.to_dtype(cos.dtype())?;
-        let dx = grad.apply_op3_no_bwd(cos, sin, &inverse)?;
+        let dx = rotate_no_grad(grad, cos, sin, inverse)?;
         Ok((Some(dx), None, None))
     }
 }
@@ -235,15 +249,7 @@ mod tests {
         let x = bf16_exact(&[3, 4, 8], 5, 2.0, DType::F32);
         let (cos, sin) = tables(4, 4, DType::F32);
         let there = rope(&x, &cos, &sin).unwrap();
-        let back = there
-            .apply_op3_no_bwd(
-                &cos,
-                &sin,
-                &Rope {
-                    direction: Direction::Inverse,
-                },
-            )
-            .unwrap();
+        let back = rope_backward(&there, &cos, &sin).unwrap();
         assert!(scaled_diff(&back, &x) < 1e-6);
         assert!(scaled_diff(&there, &x) > 0.1, "the tables rotate something");
     }

@@ -20,6 +20,20 @@ pub fn causal_softmax(scores: &Tensor, scale: f32) -> candle_core::Result<Tensor
     scores.contiguous()?.apply_op1(CausalSoftmax { scale })
 }
 
+/// The gradient of [`causal_softmax`] with respect to its scores, from the saved `scores` and
+/// `grad_probs` (any float dtype, rounded to the scores'). Records no autograd graph.
+pub fn causal_softmax_backward(
+    scores: &Tensor,
+    grad_probs: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    check_shape(scores.dims())?;
+    scores.contiguous()?.apply_op2_no_bwd(
+        &grad_probs.contiguous()?.to_dtype(scores.dtype())?,
+        &CausalSoftmaxBackward { scale },
+    )
+}
+
 /// `(rows, tq, tk)` of a `[..., tq, tk]` tensor.
 fn check_shape(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
     let [.., tq, tk] = dims else {
@@ -136,11 +150,7 @@ impl CustomOp1 for CausalSoftmax {
         _probs: &Tensor,
         grad_probs: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let grad = scores.apply_op2_no_bwd(
-            &grad_probs.contiguous()?.to_dtype(scores.dtype())?,
-            &CausalSoftmaxBackward { scale: self.scale },
-        )?;
-        Ok(Some(grad))
+        causal_softmax_backward(scores, grad_probs, self.scale).map(Some)
     }
 }
 

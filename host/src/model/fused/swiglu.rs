@@ -22,6 +22,20 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
+/// The gradients of [`swiglu`] with respect to `gate` and `up`, for `grad` (any float dtype,
+/// rounded to theirs). Records no autograd graph.
+pub fn swiglu_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let grad = grad.contiguous()?.to_dtype(gate.dtype())?;
+    let d_gate = gate.apply_op3_no_bwd(&up, &grad, &SwigluGrad(Wrt::Gate))?;
+    let d_up = gate.apply_op3_no_bwd(&up, &grad, &SwigluGrad(Wrt::Up))?;
+    Ok((d_gate, d_up))
+}
+
 /// The chain [`swiglu`] replaces (kept for the before/after measurement).
 pub fn swiglu_unfused(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.silu()? * up
@@ -109,9 +123,7 @@ impl CustomOp2 for Swiglu {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?.to_dtype(gate.dtype())?;
-        let d_gate = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad(Wrt::Gate))?;
-        let d_up = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad(Wrt::Up))?;
+        let (d_gate, d_up) = swiglu_backward(gate, up, grad)?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
