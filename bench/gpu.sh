@@ -22,8 +22,11 @@
 #   BATCH SEQ LAYERS STEPS WARMUP_STEPS R_MAX   train: (default 4 1024 32 6 2 64)
 #   UNFUSE                              train: the fused ops to measure "before", one run
 #                                       of ours each with that op switched off (default
-#                                       "softmax swiglu rms-norm rope cross-entropy
-#                                       lora-scale all"; empty for none)
+#                                       "layer-backward softmax swiglu rms-norm rope
+#                                       cross-entropy lora-scale all"; empty for none). The
+#                                       written-out layer backward needs the fused ops, so a
+#                                       row with one of them off runs autograd: compare it
+#                                       with the layer-backward row
 #   PEER_ONLY=1 / OURS_ONLY=1           train: run one side only
 #   NSYS=1                              train: also profile ours with Nsight Systems (if `nsys`
 #                                       is installed) and print its per-kernel time summary,
@@ -83,7 +86,7 @@ if [[ "$mode" == train ]]; then
         ours_json=$("${ours[@]}" --json)
         echo "qdylora: $ours_json"
         # Each fusion's "before": the same run with that op unfused.
-        for off in ${UNFUSE-softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
+        for off in ${UNFUSE-layer-backward softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
             one=$("${ours[@]}" --json --unfuse "$off")
             echo "qdylora --unfuse $off: $one"
             unfused_json=$(UNFUSED="$unfused_json" ONE="$one" OFF="$off" "$PYTHON" -c '
@@ -115,10 +118,11 @@ ours = json.loads(os.environ["OURS_JSON"])
 peer = json.loads(os.environ["PEER_JSON"] or "null")
 rows = []
 if ours:
-    rows.append(("qdylora QDyLoRA r_max 64 (frozen, sampled b)", ours["tokens_per_s"], ours["peak_gib"]))
+    rows.append((f"qdylora QDyLoRA r_max 64 (frozen, sampled b; {ours['backward']} backward)",
+                 ours["tokens_per_s"], ours["peak_gib"]))
 for run in json.loads(os.environ["UNFUSED_JSON"]):
-    rows.append((f"qdylora, --unfuse {run['unfuse']} (before that fusion)", run["tokens_per_s"],
-                 run["peak_gib"]))
+    rows.append((f"qdylora, --unfuse {run['unfuse']} (before that fusion; {run['backward']} backward)",
+                 run["tokens_per_s"], run["peak_gib"]))
 if peer:
     q = peer["qlora_7b_b4_s1024"]
     rows.append((f"PEFT + bnb QLoRA r 64 (bnb {peer['bnb']}, torch {peer['torch']})",

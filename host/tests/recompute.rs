@@ -88,20 +88,27 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Recomputation's backward, by the written-out layer backward (the default) and by autograd,
+/// against plain backpropagation through the whole model.
 #[test]
 fn recomputed_layers_give_the_same_steps_as_plain_backprop() {
-    let model = nf4_model();
-    for mode in [RankMode::Frozen, RankMode::Full] {
-        let (plain_losses, plain_params) = run(&model, mode, 4, false);
-        let (re_losses, re_params) = run(&model, mode, 4, true);
-        for (p, r) in plain_losses.iter().zip(&re_losses) {
-            assert!((p - r).abs() <= 1e-5 * p.abs(), "{mode:?}: loss {p} vs {r}");
+    let mut model = nf4_model();
+    for written_out in [true, false] {
+        model.fusions.layer_backward = written_out;
+        assert_eq!(model.has_layer_backward(), written_out);
+        for mode in [RankMode::Frozen, RankMode::Full] {
+            let case = format!("{mode:?}, written-out backward {written_out}");
+            let (plain_losses, plain_params) = run(&model, mode, 4, false);
+            let (re_losses, re_params) = run(&model, mode, 4, true);
+            for (p, r) in plain_losses.iter().zip(&re_losses) {
+                assert!((p - r).abs() <= 1e-5 * p.abs(), "{case}: loss {p} vs {r}");
+            }
+            // The updates moved the parameters (so equality below says something).
+            let (_, initial) = run(&model, mode, 0, false);
+            assert!(max_abs_diff(&initial, &plain_params) > 1e-3);
+            let diff = max_abs_diff(&plain_params, &re_params);
+            assert!(diff < 1e-5, "{case}: parameters differ by {diff}");
         }
-        // The updates moved the parameters (so equality below says something).
-        let (_, initial) = run(&model, mode, 0, false);
-        assert!(max_abs_diff(&initial, &plain_params) > 1e-3);
-        let diff = max_abs_diff(&plain_params, &re_params);
-        assert!(diff < 1e-5, "{mode:?}: parameters differ by {diff}");
     }
 }
 

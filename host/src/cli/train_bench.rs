@@ -122,6 +122,9 @@ pub enum FusionArg {
     CrossEntropy,
     /// The LoRA path's scale on the rank-wide product (a reordering, not a kernel).
     LoraScale,
+    /// The decoder layer's written-out backward (candle's autograd instead). Switching off
+    /// another fused op also switches this off: compare those rows with this one.
+    LayerBackward,
 }
 
 /// Every fusion except those named.
@@ -136,6 +139,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::Rope => fusions.rope = false,
             FusionArg::CrossEntropy => fusions.cross_entropy = false,
             FusionArg::LoraScale => fusions.lora_scale = false,
+            FusionArg::LayerBackward => fusions.layer_backward = false,
         }
     }
     fusions
@@ -162,6 +166,9 @@ pub struct BenchReport {
     pub fusions: Fusions,
     /// Per-layer activation recomputation.
     pub recompute: bool,
+    /// How the layers' backward ran: `written-out` (`model::backward`, with recomputation and
+    /// every fused op on) or `autograd`.
+    pub backward: &'static str,
     /// Timed steps.
     pub steps: usize,
     /// Tokens per second over the timed steps (all positions, as the peer counts).
@@ -195,7 +202,8 @@ pub fn run(args: &Args) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} {:?} ({} layers), batch {} x seq {}, r_max {}, {} activations, recompute {}, {:?}",
+            "{} {:?} ({} layers), batch {} x seq {}, r_max {}, {} activations, recompute {}, \
+             {} backward, {:?}",
             report.device,
             report.shape,
             report.layers,
@@ -204,6 +212,7 @@ pub fn run(args: &Args) -> Result<()> {
             report.r_max,
             report.dtype,
             report.recompute,
+            report.backward,
             report.fusions
         );
         println!(
@@ -312,6 +321,10 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         dtype: format!("{dtype:?}").to_lowercase(),
         fusions: model.fusions,
         recompute: trainer.recompute,
+        backward: match trainer.recompute && model.has_layer_backward() {
+            true => "written-out",
+            false => "autograd",
+        },
         steps: args.steps,
         tokens_per_s: tokens / seconds,
         step_s: seconds / args.steps as f64,

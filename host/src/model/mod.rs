@@ -1,4 +1,6 @@
-//! The model: frozen (NF4 or dense) linears, LoRA/DyLoRA adapters, the LLaMA decoder, loading.
+//! The model: frozen (NF4 or dense) linears, LoRA/DyLoRA adapters, the LLaMA decoder and its
+//! written-out layer backward, loading.
+pub mod backward;
 pub mod fused;
 pub mod linear;
 pub mod llama;

@@ -1,20 +1,24 @@
 //! Activation recomputation (gradient checkpointing) per decoder layer.
 //!
 //! The forward pass keeps only each layer's input, with no autograd graph behind it. The backward
-//! pass walks the layers in reverse: it runs one layer's forward again with autograd on, from its
-//! saved input made a variable, and backpropagates `sum(out * grad_out)`, whose gradient with
-//! respect to `out` is exactly `grad_out`. That yields the layer's adapter gradients and the
-//! gradient of its input, which is the next (earlier) layer's `grad_out`. At most one layer's
+//! pass walks the layers in reverse and gets each layer's adapter gradients and the gradient of
+//! its input, which is the next (earlier) layer's `grad_out`: by the written-out layer backward
+//! (`model::backward`) when the model has it on, otherwise with autograd, running the layer's
+//! forward again from its saved input made a variable and backpropagating `sum(out * grad_out)`,
+//! whose gradient with respect to `out` is exactly `grad_out`. At most one layer's
 //! graph is alive at a time, so activation memory grows with the number of layers only by one
 //! hidden state each (for LLaMA-7B at batch 4 × 1024 in bf16: 32 MiB per layer).
 
+use std::collections::{BTreeMap, HashMap};
+
 use anyhow::{Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 
 use super::data::Batch;
 use super::eval::masked_cross_entropy;
+use crate::model::backward::ModuleGrads;
 use crate::model::llama::Llama;
-use crate::model::lora::{AdapterCall, Dropout};
+use crate::model::lora::{AdapterCall, Dropout, ModuleKey};
 
 /// The summed loss of one micro-batch, and the gradient of `weight * mean loss` for each of
 /// `vars` (`None` where a variable took no part).
@@ -67,15 +71,19 @@ pub fn loss_and_grads(
     drop((store, logits));
 
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let written_out = WrittenOut::usable(model, call, vars);
     for (layer, input) in inputs.into_iter().enumerate().rev() {
-        let input = Var::from_tensor(&input)?;
         let dropout = layer_dropout(layer);
-        let out = model.layer(
-            layer,
-            input.as_tensor(),
-            &positions,
-            Some(&with_dropout(*call, dropout.as_ref())),
-        )?;
+        let layer_call = with_dropout(*call, dropout.as_ref());
+        if let Some(written_out) = &written_out {
+            let layer_grads =
+                model.layer_backward(layer, &input, &positions, &layer_call, &grad_out)?;
+            written_out.add(&mut grads, layer_grads.modules)?;
+            grad_out = layer_grads.input;
+            continue;
+        }
+        let input = Var::from_tensor(&input)?;
+        let out = model.layer(layer, input.as_tensor(), &positions, Some(&layer_call))?;
         let store = (out * &grad_out)?.sum_all()?.backward()?;
         for (g, v) in grads.iter_mut().zip(vars) {
             if let Some(new) = store.get(v.as_tensor()) {
@@ -88,6 +96,49 @@ pub fn loss_and_grads(
             .clone();
     }
     Ok(MicroBatchGrads { loss_sum, grads })
+}
+
+/// Where the written-out layer backward's module gradients go in `vars`. It computes gradients
+/// for the adapter only, so it stands in for autograd only when `vars` are the adapter's
+/// matrices (not, say, a pretraining run's base weights) and the model has it switched on.
+struct WrittenOut {
+    /// Each module's (index of `A`, index of `B`) in `vars`.
+    slots: BTreeMap<ModuleKey, (usize, usize)>,
+}
+
+impl WrittenOut {
+    fn usable(model: &Llama, call: &AdapterCall<'_>, vars: &[&Var]) -> Option<Self> {
+        if !model.has_layer_backward() {
+            return None;
+        }
+        let index: HashMap<TensorId, usize> = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_tensor().id(), i))
+            .collect();
+        let modules = &call.adapter.modules;
+        let slots: BTreeMap<ModuleKey, (usize, usize)> = modules
+            .iter()
+            .filter_map(|(key, m)| {
+                let a = *index.get(&m.a.as_tensor().id())?;
+                let b = *index.get(&m.b.as_tensor().id())?;
+                Some((*key, (a, b)))
+            })
+            .collect();
+        (slots.len() == modules.len() && 2 * slots.len() == vars.len()).then_some(Self { slots })
+    }
+
+    fn add(&self, grads: &mut [Option<Tensor>], modules: Vec<ModuleGrads>) -> Result<()> {
+        for m in modules {
+            let (a, b) = *self
+                .slots
+                .get(&m.key)
+                .with_context(|| format!("{:?}: a gradient for a module not in vars", m.key))?;
+            accumulate(&mut grads[a], m.a)?;
+            accumulate(&mut grads[b], m.b)?;
+        }
+        Ok(())
+    }
 }
 
 /// Adds `new` to the gradient in `slot` (or puts it there).

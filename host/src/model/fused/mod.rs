@@ -43,6 +43,10 @@ pub struct Fusions {
     /// `B A x` ([`crate::model::lora::LoraModule::delta`]): the same sum, one pass over
     /// `[tokens, out]` less forward and backward. A reordering, not a kernel.
     pub lora_scale: bool,
+    /// The decoder layer's backward written out ([`crate::model::backward`]) instead of
+    /// candle's autograd, in training with recomputation. It needs the fused ops above, so
+    /// switching any of them off also means autograd.
+    pub layer_backward: bool,
 }
 
 impl Fusions {
@@ -54,6 +58,7 @@ impl Fusions {
         rope: true,
         cross_entropy: true,
         lora_scale: true,
+        layer_backward: true,
     };
     /// Every fusion off: the unfused chains.
     pub const NONE: Self = Self {
@@ -63,6 +68,7 @@ impl Fusions {
         rope: false,
         cross_entropy: false,
         lora_scale: false,
+        layer_backward: false,
     };
 }
 

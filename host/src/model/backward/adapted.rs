@@ -1,0 +1,162 @@
+//! One of a layer's linears with its adapter, forward and backward written out:
+//! `y = x Wᵀ + (s · dropout(x) A_rᵀ) B_rᵀ`, with the scale `s` on the rank-wide product as
+//! [`crate::model::lora::LoraModule::delta`] puts it. The forward keeps what the backward needs;
+//! the backward gives the input gradient and the gradient of only the adapter rows that learn at
+//! this rank (DyLoRA's frozen mode: one row of `A`, one column of `B`).
+
+use candle_core::Tensor;
+
+use crate::model::linear::BaseLinear;
+use crate::model::lora::{AdapterCall, ModuleKey};
+
+/// The gradients of one adapter module, shaped like its `A: [r_max, in]` and `B: [out, r_max]`
+/// and in their dtypes; zero outside the rank indices that learn.
+#[derive(Debug)]
+pub struct ModuleGrads {
+    /// Which module.
+    pub key: ModuleKey,
+    /// `d A`.
+    pub a: Tensor,
+    /// `d B`.
+    pub b: Tensor,
+}
+
+/// What one linear's backward pass needs from its forward pass.
+pub(super) struct Saved<'a> {
+    base: &'a BaseLinear,
+    lora: Option<LoraSaved>,
+}
+
+/// The adapter's part of [`Saved`].
+struct LoraSaved {
+    key: ModuleKey,
+    /// The adapter's input after dropout, `[m, in]`.
+    input: Tensor,
+    /// The dropout mask, `[m, in]` (`None`: no dropout).
+    mask: Option<Tensor>,
+    /// `s · input A_rᵀ`, `[m, r]`.
+    scaled: Tensor,
+    /// `A[:r]` and `B[:, :r]` in the activations' dtype.
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    /// `A`'s and `B`'s own dtype and `r_max`, for the gradients' shapes.
+    var_dtype: candle_core::DType,
+    r_max: usize,
+    learning: std::ops::Range<usize>,
+}
+
+/// The adapter's share of the forward pass for `x: [..., in]`, without the base product: what
+/// the backward needs when the linear's output itself is not (the last linear of a recomputed
+/// layer). Draws the same dropout mask as [`forward`] would.
+pub(super) fn prepare<'a>(
+    base: &'a BaseLinear,
+    key: ModuleKey,
+    x: &Tensor,
+    call: &AdapterCall<'_>,
+) -> candle_core::Result<Saved<'a>> {
+    let Some(module) = call.adapter.modules.get(&key) else {
+        return Ok(Saved { base, lora: None });
+    };
+    let x = x.reshape(((), module.in_features))?;
+    let mask = match call.dropout {
+        Some(dropout) => dropout.mask_for(&x)?,
+        None => None,
+    };
+    let input = match &mask {
+        Some(mask) => (&x * mask)?,
+        None => x,
+    };
+    let (r, dtype) = (call.rank, input.dtype());
+    // Detached: the gradients below are computed here, not by autograd.
+    let a = module.a.as_tensor().detach().narrow(0, 0, r)?;
+    let b = module.b.as_tensor().detach().narrow(1, 0, r)?;
+    let a = a.to_dtype(dtype)?.contiguous()?;
+    let b = b.to_dtype(dtype)?.contiguous()?;
+    let scale = call.adapter.scale(r);
+    let scaled = (input.matmul(&a.t()?)? * scale)?;
+    let lora = LoraSaved {
+        key,
+        input,
+        mask,
+        scaled,
+        a,
+        b,
+        scale,
+        var_dtype: module.a.dtype(),
+        r_max: call.adapter.r_max,
+        learning: call.grad.learning_rows(r),
+    };
+    Ok(Saved {
+        base,
+        lora: Some(lora),
+    })
+}
+
+/// `y = x Wᵀ + delta(x)` for `x: [..., in]`, and what [`Saved::backward`] needs.
+pub(super) fn forward<'a>(
+    base: &'a BaseLinear,
+    key: ModuleKey,
+    x: &Tensor,
+    call: &AdapterCall<'_>,
+) -> candle_core::Result<(Tensor, Saved<'a>)> {
+    let saved = prepare(base, key, x, call)?;
+    let y = base.forward(x)?;
+    let y = match &saved.lora {
+        Some(lora) => (&y + lora.scaled.matmul(&lora.b.t()?)?.reshape(y.shape())?)?,
+        None => y,
+    };
+    Ok((y, saved))
+}
+
+impl Saved<'_> {
+    /// The input gradient `[..., in]` for `grad: [..., out]`, and the adapter's gradients when
+    /// this linear has an adapter with rows that learn.
+    pub(super) fn backward(
+        &self,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Option<ModuleGrads>)> {
+        let dx = self.base.input_grad(grad)?;
+        let Some(lora) = &self.lora else {
+            return Ok((dx, None));
+        };
+        let dy = grad.reshape(((), self.base.out_features()))?;
+        // Back through `scaled B_rᵀ`, then the scale, then `input A_rᵀ`, then the dropout.
+        let d_product = (dy.matmul(&lora.b)? * lora.scale)?;
+        let d_input = d_product.matmul(&lora.a)?;
+        let d_x = match &lora.mask {
+            Some(mask) => (d_input * mask)?,
+            None => d_input,
+        };
+        let dx = (dx + d_x.reshape(grad_shape(grad, self.base.in_features()))?)?;
+        if lora.learning.is_empty() {
+            return Ok((dx, None));
+        }
+        let (start, n) = (lora.learning.start, lora.learning.len());
+        let rows = |t: &Tensor| t.narrow(1, start, n)?.t()?.contiguous();
+        // d B[:, rows] = dyᵀ scaled[:, rows] (as its transpose: only the [m, n] side is copied);
+        // d A[rows] = d_product[:, rows]ᵀ input.
+        let d_b = rows(&lora.scaled)?.matmul(&dy)?.t()?;
+        let d_a = rows(&d_product)?.matmul(&lora.input)?;
+        let pad = |t: Tensor, dim: usize| {
+            t.to_dtype(lora.var_dtype)?
+                .pad_with_zeros(dim, start, lora.r_max - start - n)?
+                .contiguous()
+        };
+        let grads = ModuleGrads {
+            key: lora.key,
+            a: pad(d_a, 0)?,
+            b: pad(d_b, 1)?,
+        };
+        Ok((dx, Some(grads)))
+    }
+}
+
+/// `grad`'s shape with the last dim `last`.
+fn grad_shape(grad: &Tensor, last: usize) -> Vec<usize> {
+    let mut dims = grad.dims().to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    dims
+}

@@ -1,0 +1,449 @@
+//! A decoder layer's backward pass written out, for training with per-layer recomputation
+//! (`train::recompute`): the layer's forward runs again keeping the tensors its backward needs,
+//! then each op's gradient is computed once, by the same fused ops' backward kernels autograd
+//! would call.
+//!
+//! Why not candle's autograd: its gradient store starts every tensor's gradient as zeros and
+//! adds each contribution to it, so every gradient in the graph costs a zero-fill and an add on
+//! top of the op that made it (for a LLaMA-7B layer at 4,096 tokens, gigabytes of extra memory
+//! traffic); it computes both sides of every product, and it pads each adapter slice's gradient
+//! to the full rank through a concatenation. Here a gradient is written once, only the adapter
+//! rows that learn are computed, and the last linear's base product (whose output the backward
+//! never reads) is skipped. The test below holds it to autograd's gradients.
+
+mod adapted;
+
+use candle_core::Tensor;
+use qdylora_core::infer::LinearKind;
+
+pub use adapted::ModuleGrads;
+
+use super::fused::rms_norm::{rms_norm, rms_norm_backward};
+use super::fused::rope::{rope, rope_backward};
+use super::fused::softmax::{causal_softmax, causal_softmax_backward};
+use super::fused::swiglu::{swiglu, swiglu_backward};
+use super::llama::{Llama, Positions, repeat_kv};
+use super::lora::{AdapterCall, ModuleKey};
+
+/// The gradients of one decoder layer: of its input, and of each adapter module in it whose
+/// rows learn.
+#[derive(Debug)]
+pub struct LayerGrads {
+    /// `d input`, shaped like the layer's input.
+    pub input: Tensor,
+    /// One entry per adapted linear.
+    pub modules: Vec<ModuleGrads>,
+}
+
+/// The attention block's tensors the backward pass reads.
+struct AttentionTape<'a> {
+    h: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scores: Tensor,
+    probs: Tensor,
+    linears: [adapted::Saved<'a>; 4],
+}
+
+/// The MLP block's tensors the backward pass reads.
+struct MlpTape<'a> {
+    h: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    linears: [adapted::Saved<'a>; 3],
+}
+
+impl Llama {
+    /// Whether [`Llama::layer_backward`] is switched on and can stand in for autograd: it is
+    /// written for the fused ops, so any of them switched off means autograd.
+    pub fn has_layer_backward(&self) -> bool {
+        let f = self.fusions;
+        f.layer_backward && f.softmax && f.swiglu && f.rms_norm && f.rope && f.lora_scale
+    }
+
+    /// Decoder layer `layer`'s gradients for input `x: [b, t, hidden]` (a plain tensor, not
+    /// tracked) and the gradient `grad_out` of its output, with the adapter `call` (its
+    /// dropout must draw the masks the first forward drew).
+    pub fn layer_backward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Positions,
+        call: &AdapterCall<'_>,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<LayerGrads> {
+        if !self.has_layer_backward() {
+            candle_core::bail!(
+                "the written-out layer backward needs every fused op on, got {:?}",
+                self.fusions
+            );
+        }
+        let (mid, attention) = self.attention_tape(layer, x, positions, call)?;
+        let mlp = self.mlp_tape(layer, &mid, call)?;
+        let mut modules = Vec::with_capacity(7);
+        let grad_mid = self.mlp_backward(layer, &mid, mlp, grad_out, &mut modules)?;
+        drop(mid);
+        let input =
+            self.attention_backward(layer, x, positions, attention, &grad_mid, &mut modules)?;
+        Ok(LayerGrads { input, modules })
+    }
+
+    fn key(layer: usize, kind: LinearKind) -> ModuleKey {
+        ModuleKey { layer, kind }
+    }
+
+    /// The attention block's forward (as `Llama::layer`'s), keeping its tape.
+    fn attention_tape<'a>(
+        &'a self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Positions,
+        call: &AdapterCall<'_>,
+    ) -> candle_core::Result<(Tensor, AttentionTape<'a>)> {
+        let (b, t, _) = x.dims3()?;
+        let shape = self.heads();
+        let weights = &self.layers[layer];
+        let h = rms_norm(x, &weights.input_norm, self.config.rms_norm_eps)?;
+        let linear = |kind, input: &Tensor| {
+            adapted::forward(weights.linear(kind), Self::key(layer, kind), input, call)
+        };
+        let (q, q_saved) = linear(LinearKind::Q, &h)?;
+        let (k, k_saved) = linear(LinearKind::K, &h)?;
+        let (v, v_saved) = linear(LinearKind::V, &h)?;
+        let split = |y: Tensor, n: usize| {
+            y.reshape((b, t, n, shape.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (cos, sin) = positions.rope_tables();
+        let q = rope(&split(q, shape.heads)?, cos, sin)?;
+        let k = repeat_kv(&rope(&split(k, shape.kv_heads)?, cos, sin)?, shape.group())?;
+        let v = repeat_kv(&split(v, shape.kv_heads)?, shape.group())?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = causal_softmax(&scores, shape.softmax_scale())?;
+        let attn =
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, shape.heads * shape.head_dim))?;
+        let (out, o_saved) = linear(LinearKind::O, &attn)?;
+        let tape = AttentionTape {
+            h,
+            q,
+            k,
+            v,
+            scores,
+            probs,
+            linears: [q_saved, k_saved, v_saved, o_saved],
+        };
+        Ok(((x + out)?, tape))
+    }
+
+    /// The attention block's backward: `d x` for `d out`, with `x` the block's input.
+    fn attention_backward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Positions,
+        tape: AttentionTape<'_>,
+        grad_out: &Tensor,
+        modules: &mut Vec<ModuleGrads>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let shape = self.heads();
+        let [q_saved, k_saved, v_saved, o_saved] = &tape.linears;
+        let d_attn = collect(o_saved.backward(grad_out)?, modules);
+        let d_attn = d_attn
+            .reshape((b, t, shape.heads, shape.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let d_probs = d_attn.matmul(&tape.v.t()?)?;
+        let d_v = tape.probs.t()?.matmul(&d_attn)?;
+        drop((d_attn, tape.probs));
+        let d_scores = causal_softmax_backward(&tape.scores, &d_probs, shape.softmax_scale())?;
+        drop((d_probs, tape.scores));
+        let d_q = d_scores.matmul(&tape.k)?;
+        let d_k = d_scores.t()?.matmul(&tape.q)?;
+        drop(d_scores);
+        let (cos, sin) = positions.rope_tables();
+        let merge = |d: Tensor, n: usize| d.transpose(1, 2)?.reshape((b, t, n * shape.head_dim));
+        let d_q = merge(rope_backward(&d_q, cos, sin)?, shape.heads)?;
+        let d_k = rope_backward(&shape.sum_groups(&d_k)?, cos, sin)?;
+        let d_k = merge(d_k, shape.kv_heads)?;
+        let d_v = merge(shape.sum_groups(&d_v)?, shape.kv_heads)?;
+        let d_h = collect(q_saved.backward(&d_q)?, modules);
+        let d_h = (d_h + collect(k_saved.backward(&d_k)?, modules))?;
+        let d_h = (d_h + collect(v_saved.backward(&d_v)?, modules))?;
+        let eps = self.config.rms_norm_eps;
+        let d_x = rms_norm_backward(x, &self.layers[layer].input_norm, &d_h, eps)?;
+        drop(tape.h);
+        grad_out + d_x
+    }
+
+    /// The MLP block's forward up to what its backward needs: the last linear's base product
+    /// and the residual sum are not computed (the backward never reads them).
+    fn mlp_tape<'a>(
+        &'a self,
+        layer: usize,
+        x: &Tensor,
+        call: &AdapterCall<'_>,
+    ) -> candle_core::Result<MlpTape<'a>> {
+        let weights = &self.layers[layer];
+        let h = rms_norm(x, &weights.post_norm, self.config.rms_norm_eps)?;
+        let kind = |k| (weights.linear(k), Self::key(layer, k));
+        let (base, key) = kind(LinearKind::Gate);
+        let (gate, gate_saved) = adapted::forward(base, key, &h, call)?;
+        let (base, key) = kind(LinearKind::Up);
+        let (up, up_saved) = adapted::forward(base, key, &h, call)?;
+        let act = swiglu(&gate, &up)?;
+        let (base, key) = kind(LinearKind::Down);
+        let down_saved = adapted::prepare(base, key, &act, call)?;
+        Ok(MlpTape {
+            h,
+            gate,
+            up,
+            linears: [gate_saved, up_saved, down_saved],
+        })
+    }
+
+    /// The MLP block's backward: `d x` for `d out`, with `x` the block's input.
+    fn mlp_backward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        tape: MlpTape<'_>,
+        grad_out: &Tensor,
+        modules: &mut Vec<ModuleGrads>,
+    ) -> candle_core::Result<Tensor> {
+        let [gate_saved, up_saved, down_saved] = &tape.linears;
+        let d_act = collect(down_saved.backward(grad_out)?, modules);
+        let (d_gate, d_up) = swiglu_backward(&tape.gate, &tape.up, &d_act)?;
+        drop((d_act, tape.gate, tape.up));
+        let d_h = collect(gate_saved.backward(&d_gate)?, modules);
+        let d_h = (d_h + collect(up_saved.backward(&d_up)?, modules))?;
+        let eps = self.config.rms_norm_eps;
+        let d_x = rms_norm_backward(x, &self.layers[layer].post_norm, &d_h, eps)?;
+        drop(tape.h);
+        grad_out + d_x
+    }
+
+    fn heads(&self) -> Heads {
+        let c = &self.config;
+        Heads {
+            heads: c.num_heads as usize,
+            kv_heads: c.num_kv_heads as usize,
+            head_dim: c.head_dim as usize,
+        }
+    }
+}
+
+/// The attention's head counts.
+#[derive(Clone, Copy)]
+struct Heads {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Heads {
+    /// Query heads per key/value head.
+    fn group(self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    fn softmax_scale(self) -> f32 {
+        (1.0 / (self.head_dim as f64).sqrt()) as f32
+    }
+
+    /// `[b, heads, t, hd] -> [b, kv_heads, t, hd]`: the gradient of `repeat_kv`, summing each
+    /// group of query heads that shared a key/value head.
+    fn sum_groups(self, d: &Tensor) -> candle_core::Result<Tensor> {
+        if self.group() == 1 {
+            return Ok(d.clone());
+        }
+        let (b, _, t, hd) = d.dims4()?;
+        d.reshape((b, self.kv_heads, self.group(), t, hd))?.sum(2)
+    }
+}
+
+/// The input gradient of a linear's backward, its module gradients moved into `modules`.
+fn collect((dx, grads): (Tensor, Option<ModuleGrads>), modules: &mut Vec<ModuleGrads>) -> Tensor {
+    modules.extend(grads);
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    use candle_core::{DType, Device, Var};
+    use qdylora_core::infer::DecoderConfig;
+    use qdylora_core::rank::Scaling;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::model::lora::{Adapter, Dropout, LoraModule, RankGrad};
+    use crate::model::place::random_nf4_llama;
+
+    const R_MAX: usize = 6;
+
+    /// One layer, grouped-query attention (4 query heads on 2 key/value heads), NF4 linears,
+    /// norm weights other than ones.
+    fn model() -> Llama {
+        let config = DecoderConfig {
+            vocab_size: 16,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 1,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+        };
+        let mut model = random_nf4_llama(config, &Device::Cpu, DType::F32, 64, 1).unwrap();
+        let layer = &mut model.layers[0];
+        layer.input_norm = random(&[64], 2, 0.5, 1.5);
+        layer.post_norm = random(&[64], 3, 0.5, 1.5);
+        model
+    }
+
+    fn random(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Adapters on all seven linears with both factors random (B is zero at initialization,
+    /// which would hide half the gradients).
+    fn adapter(model: &Llama) -> Adapter {
+        let mut modules = BTreeMap::new();
+        for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
+            let shape = kind.shape(&model.config);
+            let (inputs, outputs) = (shape.in_features as usize, shape.out_features as usize);
+            let mut rng = StdRng::seed_from_u64(10 + i as u64);
+            let mut values = |n: usize| (0..n).map(|_| rng.random_range(-0.3..0.3)).collect();
+            let (a, b) = (values(R_MAX * inputs), values(outputs * R_MAX));
+            let module = LoraModule::from_vecs(inputs, outputs, R_MAX, a, b, &Device::Cpu).unwrap();
+            modules.insert(ModuleKey { layer: 0, kind }, module);
+        }
+        Adapter {
+            r_max: R_MAX,
+            alpha: 8.0,
+            scaling: Scaling::AlphaOverRank,
+            modules,
+        }
+    }
+
+    fn dropout() -> Dropout {
+        Dropout {
+            p: 0.25,
+            rng: RefCell::new(StdRng::seed_from_u64(7)),
+        }
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// `max |ours - theirs|` over `max |theirs|`.
+    fn relative(ours: &Tensor, theirs: &Tensor) -> f32 {
+        assert_eq!(ours.dims(), theirs.dims());
+        let (ours, theirs) = (flat(ours), flat(theirs));
+        let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = ours
+            .iter()
+            .zip(&theirs)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        diff / scale
+    }
+
+    #[test]
+    fn the_written_out_layer_backward_gives_autograds_gradients() {
+        let model = model();
+        let adapter = adapter(&model);
+        let (b, t) = (2, 5);
+        let positions = model.positions(t).unwrap();
+        let x = random(&[b, t, 64], 4, -1.0, 1.0);
+        let grad_out = random(&[b, t, 64], 5, -1.0, 1.0);
+        for (grad, rank) in [
+            (RankGrad::Last, 1),
+            (RankGrad::Last, 4),
+            (RankGrad::Last, R_MAX),
+            (RankGrad::All, 3),
+            (RankGrad::All, R_MAX),
+            (RankGrad::None, 2),
+        ] {
+            let (d1, d2) = (dropout(), dropout());
+            let call = |d| AdapterCall {
+                adapter: &adapter,
+                rank,
+                grad,
+                dropout: Some(d),
+            };
+            // Autograd: the layer's forward from a variable input, backpropagating
+            // `sum(out * grad_out)`.
+            let input = Var::from_tensor(&x).unwrap();
+            let out = model
+                .layer(0, input.as_tensor(), &positions, Some(&call(&d1)))
+                .unwrap();
+            let store = (out * &grad_out)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+
+            let ours = model
+                .layer_backward(0, &x, &positions, &call(&d2), &grad_out)
+                .unwrap();
+            let case = format!("{grad:?} at rank {rank}");
+            let d_input = relative(&ours.input, store.get(input.as_tensor()).unwrap());
+            assert!(d_input < 1e-5, "{case}: input gradient off by {d_input}");
+
+            let learning = grad.learning_rows(rank);
+            let expected = if learning.is_empty() { 0 } else { 7 };
+            assert_eq!(ours.modules.len(), expected, "{case}");
+            for m in &ours.modules {
+                let module = &adapter.modules[&m.key];
+                for (name, ours, var, rank_dim) in
+                    [("A", &m.a, &module.a, 0), ("B", &m.b, &module.b, 1)]
+                {
+                    let theirs = store.get(var.as_tensor()).unwrap();
+                    let diff = relative(ours, theirs);
+                    assert!(diff < 1e-5, "{case}, {:?} {name}: off by {diff}", m.key);
+                    // Only the learning rank indices are non-zero.
+                    for i in 0..R_MAX {
+                        let slice = ours.narrow(rank_dim, i, 1).unwrap();
+                        let nonzero = flat(&slice).iter().any(|v| *v != 0.0);
+                        assert_eq!(nonzero, learning.contains(&i), "{case} {name} index {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unfused_models_are_refused() {
+        let mut model = model();
+        let adapter = adapter(&model);
+        model.fusions.softmax = false;
+        assert!(!model.has_layer_backward());
+        let x = random(&[1, 3, 64], 4, -1.0, 1.0);
+        let call = AdapterCall {
+            adapter: &adapter,
+            rank: 2,
+            grad: RankGrad::Last,
+            dropout: None,
+        };
+        let err = model
+            .layer_backward(0, &x, &model.positions(3).unwrap(), &call, &x)
+            .unwrap_err();
+        assert!(err.to_string().contains("fused"), "{err}");
+    }
+}
