@@ -22,8 +22,8 @@
 #   BATCH SEQ LAYERS STEPS WARMUP_STEPS R_MAX   train: (default 4 1024 32 6 2 64)
 #   UNFUSE                              train: the fused ops to measure "before", one run
 #                                       of ours each with that op switched off (default
-#                                       "layer-backward softmax swiglu rms-norm rope
-#                                       cross-entropy lora-scale all"; empty for none). The
+#                                       "layer-backward lora-add softmax swiglu rms-norm
+#                                       rope cross-entropy lora-scale all"; empty for none). The
 #                                       written-out layer backward needs the fused ops, so a
 #                                       row with one of them off runs autograd: compare it
 #                                       with the layer-backward row
@@ -86,7 +86,7 @@ if [[ "$mode" == train ]]; then
         ours_json=$("${ours[@]}" --json)
         echo "qdylora: $ours_json"
         # Each fusion's "before": the same run with that op unfused.
-        for off in ${UNFUSE-layer-backward softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
+        for off in ${UNFUSE-layer-backward lora-add softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
             one=$("${ours[@]}" --json --unfuse "$off")
             echo "qdylora --unfuse $off: $one"
             unfused_json=$(UNFUSED="$unfused_json" ONE="$one" OFF="$off" "$PYTHON" -c '

@@ -125,6 +125,9 @@ pub enum FusionArg {
     /// The decoder layer's written-out backward (candle's autograd instead). Switching off
     /// another fused op also switches this off: compare those rows with this one.
     LayerBackward,
+    /// In the written-out layer backward, the LoRA products added by the product itself
+    /// (cuBLAS beta = 1) rather than by a separate sum.
+    LoraAdd,
 }
 
 /// Every fusion except those named.
@@ -140,6 +143,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::CrossEntropy => fusions.cross_entropy = false,
             FusionArg::LoraScale => fusions.lora_scale = false,
             FusionArg::LayerBackward => fusions.layer_backward = false,
+            FusionArg::LoraAdd => fusions.lora_add = false,
         }
     }
     fusions

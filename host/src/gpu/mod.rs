@@ -26,9 +26,12 @@
 //!   the CUDA side of `model::fused::rope`.
 //! * [`cross_entropy`]: the fused cross-entropy of the loss, forward and backward; the CUDA
 //!   side of `model::fused::cross_entropy`.
+//! * [`add_product`]: `acc += lhs · rhs` by cuBLAS with beta = 1; the CUDA side of
+//!   `model::fused::add_product` (the LoRA path's sums in the written-out layer backward).
 //! * [`memory`]: bytes in use and their peak, for the benchmark.
 //! * [`traffic`]: the bytes a dequantization reads and writes (for effective GB/s).
 
+pub mod add_product;
 pub mod causal_softmax;
 pub mod cross_entropy;
 pub mod dequant;

@@ -6,6 +6,7 @@
 
 use candle_core::Tensor;
 
+use crate::model::fused::add_product::add_product;
 use crate::model::linear::BaseLinear;
 use crate::model::lora::{AdapterCall, ModuleKey};
 
@@ -25,6 +26,9 @@ pub struct ModuleGrads {
 pub(super) struct Saved<'a> {
     base: &'a BaseLinear,
     lora: Option<LoraSaved>,
+    /// Add the adapter's products into the base results in one product each
+    /// ([`add_product`], `Fusions::lora_add`).
+    fused_add: bool,
 }
 
 /// The adapter's part of [`Saved`].
@@ -54,9 +58,14 @@ pub(super) fn prepare<'a>(
     key: ModuleKey,
     x: &Tensor,
     call: &AdapterCall<'_>,
+    fused_add: bool,
 ) -> candle_core::Result<Saved<'a>> {
     let Some(module) = call.adapter.modules.get(&key) else {
-        return Ok(Saved { base, lora: None });
+        return Ok(Saved {
+            base,
+            lora: None,
+            fused_add,
+        });
     };
     let x = x.reshape(((), module.in_features))?;
     let mask = match call.dropout {
@@ -90,6 +99,7 @@ pub(super) fn prepare<'a>(
     Ok(Saved {
         base,
         lora: Some(lora),
+        fused_add,
     })
 }
 
@@ -99,11 +109,12 @@ pub(super) fn forward<'a>(
     key: ModuleKey,
     x: &Tensor,
     call: &AdapterCall<'_>,
+    fused_add: bool,
 ) -> candle_core::Result<(Tensor, Saved<'a>)> {
-    let saved = prepare(base, key, x, call)?;
+    let saved = prepare(base, key, x, call, fused_add)?;
     let y = base.forward(x)?;
     let y = match &saved.lora {
-        Some(lora) => (&y + lora.scaled.matmul(&lora.b.t()?)?.reshape(y.shape())?)?,
+        Some(lora) => saved.add_product(y, &lora.scaled, &lora.b.t()?)?,
         None => y,
     };
     Ok((y, saved))
@@ -123,12 +134,13 @@ impl Saved<'_> {
         let dy = grad.reshape(((), self.base.out_features()))?;
         // Back through `scaled B_rᵀ`, then the scale, then `input A_rᵀ`, then the dropout.
         let d_product = (dy.matmul(&lora.b)? * lora.scale)?;
-        let d_input = d_product.matmul(&lora.a)?;
-        let d_x = match &lora.mask {
-            Some(mask) => (d_input * mask)?,
-            None => d_input,
+        let dx = match &lora.mask {
+            Some(mask) => {
+                let d_x = (d_product.matmul(&lora.a)? * mask)?;
+                (dx + d_x.reshape(grad_shape(grad, self.base.in_features()))?)?
+            }
+            None => self.add_product(dx, &d_product, &lora.a)?,
         };
-        let dx = (dx + d_x.reshape(grad_shape(grad, self.base.in_features()))?)?;
         if lora.learning.is_empty() {
             return Ok((dx, None));
         }
@@ -149,6 +161,19 @@ impl Saved<'_> {
             b: pad(d_b, 1)?,
         };
         Ok((dx, Some(grads)))
+    }
+}
+
+impl Saved<'_> {
+    /// `acc + lhs · rhs` for `acc: [..., n]` (whose rows `lhs: [rows, k]` lists), fused or not.
+    fn add_product(&self, acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> {
+        let shape = acc.shape().clone();
+        let acc = acc.reshape((lhs.dim(0)?, rhs.dim(1)?))?;
+        let sum = match self.fused_add {
+            true => add_product(acc, lhs, rhs)?,
+            false => (acc + lhs.matmul(rhs)?)?,
+        };
+        sum.reshape(shape)
     }
 }
 

@@ -105,8 +105,10 @@ impl Llama {
         let shape = self.heads();
         let weights = &self.layers[layer];
         let h = rms_norm(x, &weights.input_norm, self.config.rms_norm_eps)?;
+        let fused_add = self.fusions.lora_add;
         let linear = |kind, input: &Tensor| {
-            adapted::forward(weights.linear(kind), Self::key(layer, kind), input, call)
+            let key = Self::key(layer, kind);
+            adapted::forward(weights.linear(kind), key, input, call, fused_add)
         };
         let (q, q_saved) = linear(LinearKind::Q, &h)?;
         let (k, k_saved) = linear(LinearKind::K, &h)?;
@@ -191,14 +193,15 @@ impl Llama {
     ) -> candle_core::Result<MlpTape<'a>> {
         let weights = &self.layers[layer];
         let h = rms_norm(x, &weights.post_norm, self.config.rms_norm_eps)?;
+        let fused_add = self.fusions.lora_add;
         let kind = |k| (weights.linear(k), Self::key(layer, k));
         let (base, key) = kind(LinearKind::Gate);
-        let (gate, gate_saved) = adapted::forward(base, key, &h, call)?;
+        let (gate, gate_saved) = adapted::forward(base, key, &h, call, fused_add)?;
         let (base, key) = kind(LinearKind::Up);
-        let (up, up_saved) = adapted::forward(base, key, &h, call)?;
+        let (up, up_saved) = adapted::forward(base, key, &h, call, fused_add)?;
         let act = swiglu(&gate, &up)?;
         let (base, key) = kind(LinearKind::Down);
-        let down_saved = adapted::prepare(base, key, &act, call)?;
+        let down_saved = adapted::prepare(base, key, &act, call, fused_add)?;
         Ok(MlpTape {
             h,
             gate,

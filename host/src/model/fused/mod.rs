@@ -2,6 +2,7 @@
 //! implementation (the reference) and a CUDA kernel, and each with its unfused chain kept so
 //! that [`Fusions`] can switch it off for a before/after measurement.
 
+pub mod add_product;
 mod cpu;
 pub mod cross_entropy;
 pub mod rms_norm;
@@ -47,6 +48,10 @@ pub struct Fusions {
     /// candle's autograd, in training with recomputation. It needs the fused ops above, so
     /// switching any of them off also means autograd.
     pub layer_backward: bool,
+    /// In the written-out layer backward, the LoRA path's products added into the base
+    /// results by the product itself ([`add_product::add_product`]: cuBLAS with beta = 1 on a
+    /// GPU) instead of a separate sum. No effect without `layer_backward`.
+    pub lora_add: bool,
 }
 
 impl Fusions {
@@ -59,6 +64,7 @@ impl Fusions {
         cross_entropy: true,
         lora_scale: true,
         layer_backward: true,
+        lora_add: true,
     };
     /// Every fusion off: the unfused chains.
     pub const NONE: Self = Self {
@@ -69,6 +75,7 @@ impl Fusions {
         cross_entropy: false,
         lora_scale: false,
         layer_backward: false,
+        lora_add: false,
     };
 }
 
