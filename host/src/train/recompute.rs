@@ -44,17 +44,17 @@ pub fn loss_and_grads(
 ) -> Result<MicroBatchGrads> {
     let positions = model.positions(ids.dim(1)?)?;
 
-    // Forward: keep each layer's input, drop its graph.
+    // Forward: keep each layer's input, drop its graph (or build none).
+    let written_out = WrittenOut::usable(model, call, vars);
     let mut inputs = Vec::with_capacity(model.layers.len());
     let mut x = model.embed_tokens(ids)?.detach();
     for layer in 0..model.layers.len() {
         let dropout = layer_dropout(layer);
-        let out = model.layer(
-            layer,
-            &x,
-            &positions,
-            Some(&with_dropout(*call, dropout.as_ref())),
-        )?;
+        let layer_call = with_dropout(*call, dropout.as_ref());
+        let out = match written_out {
+            Some(_) => model.layer_untracked(layer, &x, &positions, &layer_call)?,
+            None => model.layer(layer, &x, &positions, Some(&layer_call))?,
+        };
         inputs.push(x);
         x = out.detach();
     }
@@ -71,7 +71,6 @@ pub fn loss_and_grads(
     drop((store, logits));
 
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let written_out = WrittenOut::usable(model, call, vars);
     for (layer, input) in inputs.into_iter().enumerate().rev() {
         let dropout = layer_dropout(layer);
         let layer_call = with_dropout(*call, dropout.as_ref());

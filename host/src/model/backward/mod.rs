@@ -1,12 +1,13 @@
 //! A decoder layer's backward pass written out, for training with per-layer recomputation
 //! (`train::recompute`): the layer's forward runs again keeping the tensors its backward needs,
 //! then each op's gradient is computed once, by the same fused ops' backward kernels autograd
-//! would call.
+//! would call. The first forward pass of that training runs the same ops without keeping
+//! anything (`Llama::layer_untracked`), so both forwards add the LoRA path alike.
 //!
 //! Why not candle's autograd: its gradient store starts every tensor's gradient as zeros and
 //! adds each contribution to it, so every gradient in the graph costs a zero-fill and an add on
 //! top of the op that made it (for a LLaMA-7B layer at 4,096 tokens, gigabytes of extra memory
-//! traffic); it computes both sides of every product, and it pads each adapter slice's gradient
+//! traffic); it computes the gradients of both sides of every product, needed or not, and it pads each adapter slice's gradient
 //! to the full rank through a concatenation. Here a gradient is written once, only the adapter
 //! rows that learn are computed, and the last linear's base product (whose output the backward
 //! never reads) is skipped. The test below holds it to autograd's gradients.
@@ -87,6 +88,32 @@ impl Llama {
         let input =
             self.attention_backward(layer, x, positions, attention, &grad_mid, &mut modules)?;
         Ok(LayerGrads { input, modules })
+    }
+
+    /// Decoder layer `layer`'s output for an untracked input `x`, by the same ops as
+    /// [`Llama::layer_backward`]'s forward (so its LoRA sums are fused as that one's are) and
+    /// without building an autograd graph: the forward pass of training with recomputation.
+    /// Draws the same dropout masks as [`Llama::layer`].
+    pub fn layer_untracked(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Positions,
+        call: &AdapterCall<'_>,
+    ) -> candle_core::Result<Tensor> {
+        // The tape lives to the end, as autograd's graph would: freeing its large buffers in
+        // the middle of the layer makes the CPU's allocator return them to the system and fault
+        // them in again (measured: 5× the system time of a `train-bench` step).
+        let (mid, _attention) = self.attention_tape(layer, x, positions, call)?;
+        let weights = &self.layers[layer];
+        let h = rms_norm(&mid, &weights.post_norm, self.config.rms_norm_eps)?;
+        let linear = |kind, input: &Tensor| {
+            let key = Self::key(layer, kind);
+            let fused_add = self.fusions.lora_add;
+            adapted::forward(weights.linear(kind), key, input, call, fused_add).map(|(y, _)| y)
+        };
+        let act = swiglu(&linear(LinearKind::Gate, &h)?, &linear(LinearKind::Up, &h)?)?;
+        mid + linear(LinearKind::Down, &act)?
     }
 
     fn key(layer: usize, kind: LinearKind) -> ModuleKey {
@@ -429,6 +456,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_untracked_forward_is_the_layers_forward() {
+        let model = model();
+        let adapter = adapter(&model);
+        let positions = model.positions(5).unwrap();
+        let x = random(&[2, 5, 64], 4, -1.0, 1.0);
+        let (d1, d2) = (dropout(), dropout());
+        let call = |d| AdapterCall {
+            adapter: &adapter,
+            rank: 4,
+            grad: RankGrad::Last,
+            dropout: Some(d),
+        };
+        let theirs = model.layer(0, &x, &positions, Some(&call(&d1))).unwrap();
+        let ours = model
+            .layer_untracked(0, &x, &positions, &call(&d2))
+            .unwrap();
+        assert!(!ours.track_op());
+        let diff = relative(&ours, &theirs);
+        assert!(diff < 1e-6, "off by {diff}");
+        // The adapter takes part (a model without it gives another output).
+        let plain = model.layer(0, &x, &positions, None).unwrap();
+        assert!(relative(&plain, &theirs) > 1e-3);
     }
 
     #[test]
