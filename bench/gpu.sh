@@ -160,6 +160,9 @@ for ours_file, ref_name in (("base", "base_f32"), ("adapter", "base_f32_plus_ada
 print("within the bf16 tolerance 1e-2" if worst < 1e-2 else "OUTSIDE the bf16 tolerance 1e-2")
 sys.exit(0 if worst < 1e-2 else 1)
 PY
+    # The kernels' own checks on a small weight (dequantization bit for bit, the NF4 linear and
+    # the written-out backward's cuBLAS beta = 1 sum against the CPU); it fails on a mismatch.
+    "$bin" gpu-dequant --rows 256 --cols 512 --iters 1 --warmup 0
     # The same short training run on the GPU (bf16) and the CPU (f32): the command fails when
     # a step's loss is more than its documented tolerance away.
     "$bin" train-bench --device cuda --shape tiny --batch 4 --seq 128 --r-max 16 --warmup 0 \

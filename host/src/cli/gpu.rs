@@ -79,6 +79,7 @@ mod with_cuda {
     use crate::gpu::{
         CudaNf4Weight, DequantElement, DequantTraffic, Gpu, dequantize_into, linear_forward, memory,
     };
+    use crate::model::fused::add_product::add_product;
 
     /// ‖GPU − CPU‖ / ‖CPU‖ allowed for the f32 linear: both accumulate in f32, in different
     /// orders (about 1e-6 expected; a wrong code or scale gives errors near 1).
@@ -147,6 +148,7 @@ mod with_cuda {
             Value::Null
         };
         let random = check_random_weight(&gpu, args)?;
+        let add_product = check_add_product(&gpu, args.seed)?;
 
         let f32_ms = time_median_ms(&gpu, args, || {
             Ok(dequantize_into(dev, &dev_weight, &mut out_f32)?)
@@ -171,6 +173,7 @@ mod with_cuda {
                 "bf16": {"median_us": bf16_ms * 1e3, "bytes": bf16_traffic.total(), "gb_per_s": bf16_gbps},
                 "linear_check": linear,
                 "random_weight_check": random,
+                "add_product_check": add_product,
                 "memory": {"counter": format!("{:?}", memory::counter(dev)), "peak_bytes": peak},
             });
             println!("{result}");
@@ -184,6 +187,7 @@ mod with_cuda {
                 println!("NF4 linear vs CPU (relative error): {linear}");
             }
             println!("random GPU weight: {random}");
+            println!("add product (cuBLAS beta = 1) vs CPU (relative error): {add_product}");
             println!(
                 "f32 out : {:8.1} us median of {}, {f32_gbps:7.0} GB/s effective",
                 f32_ms * 1e3,
@@ -276,6 +280,53 @@ mod with_cuda {
             );
         }
         report.insert("rows".into(), json!(m));
+        Ok(Value::Object(report))
+    }
+
+    /// The written-out backward's in-place `acc + lhs · rhs` (one cuBLAS call with beta = 1)
+    /// against the CPU's sum of the same rounded inputs, for both layouts of `rhs`, f32 and
+    /// bf16, on shapes that are not multiples of anything.
+    fn check_add_product(gpu: &Gpu, seed: u64) -> Result<Value> {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xadd);
+        let mut report = serde_json::Map::new();
+        for (dtype, tolerance) in [
+            (DType::F32, F32_LINEAR_TOLERANCE),
+            (DType::BF16, BF16_LINEAR_TOLERANCE),
+        ] {
+            let mut worst = 0.0f64;
+            for (m, n, k) in [(37, 70, 5), (64, 96, 1), (1, 33, 17)] {
+                for rhs_transposed in [false, true] {
+                    let mut random = |shape: (usize, usize)| -> Result<Tensor> {
+                        let values: Vec<f32> = (0..shape.0 * shape.1)
+                            .map(|_| rng.random_range(-1.0f32..1.0))
+                            .collect();
+                        Ok(Tensor::from_vec(values, shape, &gpu.device)?.to_dtype(dtype)?)
+                    };
+                    let acc = random((m, n))?;
+                    let lhs = random((m, k))?;
+                    let rhs = match rhs_transposed {
+                        true => random((n, k))?.t()?,
+                        false => random((k, n))?,
+                    };
+                    let expected =
+                        (on_cpu_f32(&acc)? + on_cpu_f32(&lhs)?.matmul(&on_cpu_f32(&rhs)?)?)?;
+                    let ours = add_product(acc.copy()?, &lhs, &rhs)?;
+                    let err = relative_error(&on_cpu_f32(&ours)?, &expected)?;
+                    if err.is_nan() || err >= tolerance {
+                        bail!(
+                            "GPU add product ({dtype:?}, {m}x{n}x{k}, rhs transposed \
+                             {rhs_transposed}) differs from the CPU: relative error {err:.3e} \
+                             (tolerance {tolerance:.0e})"
+                        );
+                    }
+                    worst = worst.max(err);
+                }
+            }
+            report.insert(
+                format!("{dtype:?}").to_lowercase(),
+                json!({"worst": worst, "tolerance": tolerance}),
+            );
+        }
         Ok(Value::Object(report))
     }
 

@@ -74,7 +74,9 @@ where
     }
     // SAFETY: the three views hold at least the `k·n`, `m·k` and `m·n` elements the call reads
     // and writes (checked above; `Operands::of` checked that each is one dense matrix with the
-    // leading dimension `blas()` gives), and `acc` is borrowed mutably, so nothing else writes
-    // it while cuBLAS runs on candle's stream.
+    // leading dimension `blas()` gives). The borrow of `acc` ends when the call is queued, not
+    // when it runs: what keeps the write ordered is that candle queues all its work on the one
+    // stream this handle uses (cudarc's events order any other), and candle refuses an in-place
+    // op whose inputs share `acc`'s storage.
     unsafe { blas.gemm(cfg, &a, &b, &mut c) }.map_err(candle_core::Error::wrap)
 }

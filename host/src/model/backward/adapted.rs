@@ -44,9 +44,9 @@ struct LoraSaved {
     a: Tensor,
     b: Tensor,
     scale: f64,
-    /// `A`'s and `B`'s own dtype and `r_max`, for the gradients' shapes.
+    /// `A`'s and `B`'s own dtype and stored rank (`A`'s rows), for the gradients' shapes.
     var_dtype: candle_core::DType,
-    r_max: usize,
+    stored_rank: usize,
     learning: std::ops::Range<usize>,
 }
 
@@ -93,7 +93,7 @@ pub(super) fn prepare<'a>(
         b,
         scale,
         var_dtype: module.a.dtype(),
-        r_max: call.adapter.r_max,
+        stored_rank: module.a.dim(0)?,
         learning: call.grad.learning_rows(r),
     };
     Ok(Saved {
@@ -150,9 +150,15 @@ impl Saved<'_> {
         // d A[rows] = d_product[:, rows]ᵀ input.
         let d_b = rows(&lora.scaled)?.matmul(&dy)?.t()?;
         let d_a = rows(&d_product)?.matmul(&lora.input)?;
+        let after = lora.stored_rank.checked_sub(start + n).ok_or_else(|| {
+            candle_core::Error::msg(format!(
+                "{:?}: rank {} is above the {} stored",
+                lora.key, lora.learning.end, lora.stored_rank
+            ))
+        })?;
         let pad = |t: Tensor, dim: usize| {
             t.to_dtype(lora.var_dtype)?
-                .pad_with_zeros(dim, start, lora.r_max - start - n)?
+                .pad_with_zeros(dim, start, after)?
                 .contiguous()
         };
         let grads = ModuleGrads {

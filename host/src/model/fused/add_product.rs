@@ -8,9 +8,11 @@
 use candle_core::{Layout, Tensor};
 
 /// `acc + lhs · rhs` for `acc: [m, n]` (contiguous, not tracked by autograd, and not shared:
-/// on a GPU it is overwritten), `lhs: [m, k]` (contiguous) and `rhs: [k, n]` (contiguous, or
-/// the transpose of a contiguous `[n, k]`), one float dtype. Records no autograd graph.
-pub fn add_product(acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> {
+/// on a GPU it is overwritten, so every other view of its storage changes too, which the
+/// CPU's out-of-place sum would not show; hence crate-private, for the written-out backward's
+/// fresh outputs), `lhs: [m, k]` (contiguous) and `rhs: [k, n]` (contiguous, or the transpose
+/// of a contiguous `[n, k]`), one float dtype. Records no autograd graph.
+pub(crate) fn add_product(acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> {
     if acc.track_op() || lhs.track_op() || rhs.track_op() {
         candle_core::bail!("add product: the tensors must not be tracked by autograd");
     }
@@ -23,7 +25,11 @@ pub fn add_product(acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Resu
         );
     }
     let operands = Operands::of(acc.layout(), lhs.layout(), rhs.layout())?;
-    if acc.device().is_cpu() || operands.is_empty() {
+    if operands.is_empty() {
+        // No terms (or no entries): the sum is `acc`, and a zero-size GPU product would fail.
+        return Ok(acc);
+    }
+    if acc.device().is_cpu() {
         return acc + lhs.matmul(rhs)?;
     }
     acc.inplace_op3(lhs, rhs, &AddProduct)?;
@@ -228,6 +234,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_product_without_terms_leaves_acc() {
+        let acc = random((3, 2), 1);
+        let empty = |shape| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let sum = add_product(acc.clone(), &empty((3, 0)), &empty((0, 2))).unwrap();
+        assert_eq!(flat(&sum), flat(&acc));
+        let none = add_product(empty((0, 2)), &empty((0, 4)), &random((4, 2), 2)).unwrap();
+        assert_eq!(none.dims(), &[0, 2]);
     }
 
     #[test]
