@@ -10,7 +10,7 @@ pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 use candle_core::{Layout, Shape};
 

@@ -226,6 +226,7 @@ pub fn causal_softmax_unfused(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::weighted_sum_grads;
     use super::*;
     use candle_core::Var;
     use rand::rngs::StdRng;
@@ -260,9 +261,8 @@ mod tests {
                 false => causal_softmax_unfused(x.as_tensor(), scale, &mask).unwrap(),
             };
             assert_eq!(probs.dtype(), dtype);
-            let loss = (&probs * &weights).unwrap().to_dtype(DType::F32).unwrap();
-            let grads = loss.sum_all().unwrap().backward().unwrap();
-            (probs, grads.get(x.as_tensor()).unwrap().clone())
+            let [dx] = weighted_sum_grads(&probs, &weights, [&x]);
+            (probs, dx)
         };
         let (p_fused, g_fused) = run(true);
         let (p_plain, g_plain) = run(false);

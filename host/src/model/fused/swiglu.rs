@@ -176,7 +176,7 @@ impl CustomOp3 for SwigluGrad {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{bf16_exact, scaled_diff};
+    use super::super::test_support::{bf16_exact, scaled_diff, weighted_sum_grads};
     use super::*;
     use candle_core::{DType, Device, Var};
 
@@ -195,10 +195,8 @@ mod tests {
             false => swiglu_unfused(g.as_tensor(), u.as_tensor()).unwrap(),
         };
         assert_eq!(out.dtype(), dtype);
-        let loss = (&out * &weights).unwrap().to_dtype(DType::F32).unwrap();
-        let grads = loss.sum_all().unwrap().backward().unwrap();
-        let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
-        [out, grad(&g), grad(&u)]
+        let [d_gate, d_up] = weighted_sum_grads(&out, &weights, [&g, &u]);
+        [out, d_gate, d_up]
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Inputs and comparisons shared by the fused ops' unit tests.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,4 +28,15 @@ pub fn scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
         .zip(&b)
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
         / scale
+}
+
+/// The gradients of `Σ out · weights` (the product summed in f32) with respect to `vars`.
+pub fn weighted_sum_grads<const N: usize>(
+    out: &Tensor,
+    weights: &Tensor,
+    vars: [&Var; N],
+) -> [Tensor; N] {
+    let loss = (out * weights).unwrap().to_dtype(DType::F32).unwrap();
+    let grads = loss.sum_all().unwrap().backward().unwrap();
+    vars.map(|v| grads.get(v.as_tensor()).unwrap().clone())
 }
