@@ -75,9 +75,7 @@ impl BaseLinear {
     /// (the weight is frozen: no weight gradient). Records no autograd graph.
     pub fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Nf4(w) => on_rows(grad, w.rows, w.cols, |g| {
-                g.apply_op1_no_bwd(&Nf4LinearInputGradOp { weight: w.clone() })
-            }),
+            Self::Nf4(w) => on_rows(grad, w.rows, w.cols, |g| nf4_input_grad(g, w)),
             Self::Dense { weight_t } => grad.broadcast_matmul(&weight_t.detach().t()?),
             #[cfg(feature = "cuda")]
             Self::Nf4Cuda(w) => on_rows(grad, w.rows(), w.cols(), |g| {
@@ -171,13 +169,17 @@ impl CustomOp1 for Nf4LinearOp {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         // W is frozen: only the input gradient, dequantizing W again instead of keeping it.
-        let grad = grad_res
-            .contiguous()?
-            .apply_op1_no_bwd(&Nf4LinearInputGradOp {
-                weight: self.weight.clone(),
-            })?;
-        Ok(Some(grad))
+        nf4_input_grad(grad_res, &self.weight).map(Some)
     }
+}
+
+/// `grad_y [m, out] -> grad_y W [m, in]`, no autograd graph.
+fn nf4_input_grad(grad_y: &Tensor, weight: &Arc<Nf4Weight>) -> candle_core::Result<Tensor> {
+    grad_y
+        .contiguous()?
+        .apply_op1_no_bwd(&Nf4LinearInputGradOp {
+            weight: weight.clone(),
+        })
 }
 
 /// Backward: `grad_y [m, out] -> grad_y W [m, in]`.

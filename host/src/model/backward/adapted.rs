@@ -137,7 +137,7 @@ impl Saved<'_> {
         let dx = match &lora.mask {
             Some(mask) => {
                 let d_x = (d_product.matmul(&lora.a)? * mask)?;
-                (dx + d_x.reshape(grad_shape(grad, self.base.in_features()))?)?
+                (&dx + d_x.reshape(dx.shape())?)?
             }
             None => self.add_product(dx, &d_product, &lora.a)?,
         };
@@ -181,13 +181,4 @@ impl Saved<'_> {
         };
         sum.reshape(shape)
     }
-}
-
-/// `grad`'s shape with the last dim `last`.
-fn grad_shape(grad: &Tensor, last: usize) -> Vec<usize> {
-    let mut dims = grad.dims().to_vec();
-    if let Some(d) = dims.last_mut() {
-        *d = last;
-    }
-    dims
 }

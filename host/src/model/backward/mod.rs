@@ -38,7 +38,6 @@ pub struct LayerGrads {
 
 /// The attention block's tensors the backward pass reads.
 struct AttentionTape<'a> {
-    h: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -49,7 +48,6 @@ struct AttentionTape<'a> {
 
 /// The MLP block's tensors the backward pass reads.
 struct MlpTape<'a> {
-    h: Tensor,
     gate: Tensor,
     up: Tensor,
     linears: [adapted::Saved<'a>; 3],
@@ -81,7 +79,7 @@ impl Llama {
             );
         }
         let (mid, attention) = self.attention_tape(layer, x, positions, call)?;
-        let mlp = self.mlp_tape(layer, &mid, call)?;
+        let (_, mlp) = self.mlp_tape(layer, &mid, call, false)?;
         let mut modules = Vec::with_capacity(7);
         let grad_mid = self.mlp_backward(layer, &mid, mlp, grad_out, &mut modules)?;
         drop(mid);
@@ -105,15 +103,8 @@ impl Llama {
         // the middle of the layer makes the CPU's allocator return them to the system and fault
         // them in again (measured: 5× the system time of a `train-bench` step).
         let (mid, _attention) = self.attention_tape(layer, x, positions, call)?;
-        let weights = &self.layers[layer];
-        let h = rms_norm(&mid, &weights.post_norm, self.config.rms_norm_eps)?;
-        let linear = |kind, input: &Tensor| {
-            let key = Self::key(layer, kind);
-            let fused_add = self.fusions.lora_add;
-            adapted::forward(weights.linear(kind), key, input, call, fused_add).map(|(y, _)| y)
-        };
-        let act = swiglu(&linear(LinearKind::Gate, &h)?, &linear(LinearKind::Up, &h)?)?;
-        mid + linear(LinearKind::Down, &act)?
+        let (out, _mlp) = self.mlp_tape(layer, &mid, call, true)?;
+        out.ok_or_else(|| candle_core::Error::msg("the MLP block was asked for its output"))
     }
 
     fn key(layer: usize, kind: LinearKind) -> ModuleKey {
@@ -158,7 +149,6 @@ impl Llama {
                 .reshape((b, t, shape.heads * shape.head_dim))?;
         let (out, o_saved) = linear(LinearKind::O, &attn)?;
         let tape = AttentionTape {
-            h,
             q,
             k,
             v,
@@ -206,18 +196,19 @@ impl Llama {
         let d_h = (d_h + collect(v_saved.backward(&d_v)?, modules))?;
         let eps = self.config.rms_norm_eps;
         let d_x = rms_norm_backward(x, &self.layers[layer].input_norm, &d_h, eps)?;
-        drop(tape.h);
         grad_out + d_x
     }
 
-    /// The MLP block's forward up to what its backward needs: the last linear's base product
-    /// and the residual sum are not computed (the backward never reads them).
+    /// The MLP block's forward, keeping its tape. The block's output is computed only
+    /// `with_output`: the recomputed forward's backward never reads it, so there the last
+    /// linear's base product and the residual sum are skipped.
     fn mlp_tape<'a>(
         &'a self,
         layer: usize,
         x: &Tensor,
         call: &AdapterCall<'_>,
-    ) -> candle_core::Result<MlpTape<'a>> {
+        with_output: bool,
+    ) -> candle_core::Result<(Option<Tensor>, MlpTape<'a>)> {
         let weights = &self.layers[layer];
         let h = rms_norm(x, &weights.post_norm, self.config.rms_norm_eps)?;
         let fused_add = self.fusions.lora_add;
@@ -228,13 +219,19 @@ impl Llama {
         let (up, up_saved) = adapted::forward(base, key, &h, call, fused_add)?;
         let act = swiglu(&gate, &up)?;
         let (base, key) = kind(LinearKind::Down);
-        let down_saved = adapted::prepare(base, key, &act, call, fused_add)?;
-        Ok(MlpTape {
-            h,
+        let (out, down_saved) = match with_output {
+            true => {
+                let (down, saved) = adapted::forward(base, key, &act, call, fused_add)?;
+                (Some((x + down)?), saved)
+            }
+            false => (None, adapted::prepare(base, key, &act, call, fused_add)?),
+        };
+        let tape = MlpTape {
             gate,
             up,
             linears: [gate_saved, up_saved, down_saved],
-        })
+        };
+        Ok((out, tape))
     }
 
     /// The MLP block's backward: `d x` for `d out`, with `x` the block's input.
@@ -254,7 +251,6 @@ impl Llama {
         let d_h = (d_h + collect(up_saved.backward(&d_up)?, modules))?;
         let eps = self.config.rms_norm_eps;
         let d_x = rms_norm_backward(x, &self.layers[layer].post_norm, &d_h, eps)?;
-        drop(tape.h);
         grad_out + d_x
     }
 
@@ -315,6 +311,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::model::fused::test_support::{flat, scaled_diff};
     use crate::model::lora::{Adapter, Dropout, LoraModule, RankGrad};
     use crate::model::place::random_nf4_llama;
 
@@ -377,20 +374,10 @@ mod tests {
         }
     }
 
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    /// `max |ours - theirs|` over `max |theirs|`.
+    /// `max |ours - theirs|` over `max |theirs|`, for tensors of one shape.
     fn relative(ours: &Tensor, theirs: &Tensor) -> f32 {
         assert_eq!(ours.dims(), theirs.dims());
-        let (ours, theirs) = (flat(ours), flat(theirs));
-        let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = ours
-            .iter()
-            .zip(&theirs)
-            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-        diff / scale
+        scaled_diff(ours, theirs)
     }
 
     #[test]

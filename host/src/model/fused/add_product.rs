@@ -170,7 +170,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-    use crate::model::fused::test_support::{flat, scaled_diff};
+    use crate::model::fused::test_support::{bf16_exact, flat, scaled_diff};
 
     /// BLAS's definition of `gemm` with alpha = beta = 1 (netlib's reference, column-major):
     /// `C[i + j ldc] += Σ_l op(A)[i, l] op(B)[l, j]`, `op(A)[i, l] = A[i + l lda]`, or
@@ -198,11 +198,7 @@ mod tests {
     }
 
     fn random(shape: (usize, usize), seed: u64) -> Tensor {
-        let n = shape.0 * shape.1;
-        let values: Vec<f32> = (0..n)
-            .map(|i| ((i as u64 * 2_654_435_761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+        bf16_exact(&[shape.0, shape.1], seed, 1.0, DType::F32)
     }
 
     #[test]
