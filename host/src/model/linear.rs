@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use qdylora_formats::Nf4Weight;
 
 use crate::kernels;
+use crate::model::matmul::broadcast_matmul;
 
 /// A base-model `y = x Wᵀ` with `W: [out, in]`.
 #[derive(Debug, Clone)]
@@ -63,7 +64,7 @@ impl BaseLinear {
             Self::Nf4(w) => on_rows(x, w.cols, w.rows, |x2| {
                 x2.apply_op1(Nf4LinearOp { weight: w.clone() })
             }),
-            Self::Dense { weight_t } => x.broadcast_matmul(weight_t),
+            Self::Dense { weight_t } => broadcast_matmul(x, weight_t),
             #[cfg(feature = "cuda")]
             Self::Nf4Cuda(w) => on_rows(x, w.cols(), w.rows(), |x2| {
                 crate::gpu::nf4_linear::linear_forward(x2, w)
@@ -76,7 +77,7 @@ impl BaseLinear {
     pub fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Nf4(w) => on_rows(grad, w.rows, w.cols, |g| nf4_input_grad(g, w)),
-            Self::Dense { weight_t } => grad.broadcast_matmul(&weight_t.detach().t()?),
+            Self::Dense { weight_t } => broadcast_matmul(grad, &weight_t.detach().t()?),
             #[cfg(feature = "cuda")]
             Self::Nf4Cuda(w) => on_rows(grad, w.rows(), w.cols(), |g| {
                 crate::gpu::nf4_linear::linear_input_grad(g, w)

@@ -15,6 +15,7 @@ use super::fused::softmax::{causal_mask, causal_softmax, causal_softmax_unfused}
 use super::fused::swiglu::{swiglu, swiglu_unfused};
 use super::linear::BaseLinear;
 use super::lora::{AdapterCall, ModuleKey};
+use super::matmul::{broadcast_matmul, matmul};
 
 /// One decoder layer.
 #[derive(Debug)]
@@ -213,7 +214,7 @@ impl Llama {
     /// The head applied to hidden states `[..., hidden]`.
     pub fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        h.broadcast_matmul(&head.t()?)
+        broadcast_matmul(h, &head.t()?)
     }
 
     fn attention(
@@ -242,13 +243,13 @@ impl Llama {
         let q = rope.apply(&q, fused)?;
         let k = repeat_kv(&rope.apply(&k, fused)?, heads / kv_heads)?;
         let v = repeat_kv(&v, heads / kv_heads)?;
-        let scores = q.matmul(&k.t()?)?;
+        let scores = matmul(&q, &k.t()?)?;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let probs = match &positions.mask {
             None => causal_softmax(&scores, scale)?,
             Some(mask) => causal_softmax_unfused(&scores, scale, mask)?,
         };
-        let attn = probs.matmul(&v)?;
+        let attn = matmul(&probs, &v)?;
         let attn = attn.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let out = self.linear(layer, LinearKind::O, &attn, adapter)?;
         x + out

@@ -13,6 +13,8 @@ use qdylora_core::rank::Scaling;
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use super::matmul::broadcast_matmul;
+
 /// Where an adapted linear sits: layer index and which of the seven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ModuleKey {
@@ -156,12 +158,14 @@ impl LoraModule {
         scale_at_rank: bool,
     ) -> candle_core::Result<Tensor> {
         // The adapter keeps its own dtype; the product runs in the activations' (bf16 on a GPU).
+        // `B[:, :r]` is a strided view (rows of r_max) that candle's CUDA matmul refuses, so it
+        // is copied to a contiguous [out, r] (small next to the product).
         let a = self.a_slice(r, grad)?.to_dtype(x.dtype())?;
-        let b = self.b_slice(r, grad)?.to_dtype(x.dtype())?;
-        let u = x.broadcast_matmul(&a.t()?)?;
+        let b = self.b_slice(r, grad)?.to_dtype(x.dtype())?.contiguous()?;
+        let u = broadcast_matmul(x, &a.t()?)?;
         match scale_at_rank {
-            true => (u * scale)?.broadcast_matmul(&b.t()?),
-            false => u.broadcast_matmul(&b.t()?)? * scale,
+            true => broadcast_matmul(&(u * scale)?, &b.t()?),
+            false => broadcast_matmul(&u, &b.t()?)? * scale,
         }
     }
 

@@ -6,4 +6,5 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod matmul;
 pub mod place;

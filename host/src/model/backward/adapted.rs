@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use crate::model::fused::add_product::add_product;
 use crate::model::linear::BaseLinear;
 use crate::model::lora::{AdapterCall, ModuleKey};
+use crate::model::matmul::matmul;
 
 /// The gradients of one adapter module, shaped like its `A: [r_max, in]` and `B: [out, r_max]`
 /// and in their dtypes; zero outside the rank indices that learn.
@@ -83,7 +84,7 @@ pub(super) fn prepare<'a>(
     let a = a.to_dtype(dtype)?.contiguous()?;
     let b = b.to_dtype(dtype)?.contiguous()?;
     let scale = call.adapter.scale(r);
-    let scaled = (input.matmul(&a.t()?)? * scale)?;
+    let scaled = (matmul(&input, &a.t()?)? * scale)?;
     let lora = LoraSaved {
         key,
         input,
@@ -133,10 +134,10 @@ impl Saved<'_> {
         };
         let dy = grad.reshape(((), self.base.out_features()))?;
         // Back through `scaled B_rᵀ`, then the scale, then `input A_rᵀ`, then the dropout.
-        let d_product = (dy.matmul(&lora.b)? * lora.scale)?;
+        let d_product = (matmul(&dy, &lora.b)? * lora.scale)?;
         let dx = match &lora.mask {
             Some(mask) => {
-                let d_x = (d_product.matmul(&lora.a)? * mask)?;
+                let d_x = (matmul(&d_product, &lora.a)? * mask)?;
                 (&dx + d_x.reshape(dx.shape())?)?
             }
             None => self.add_product(dx, &d_product, &lora.a)?,
@@ -148,8 +149,8 @@ impl Saved<'_> {
         let rows = |t: &Tensor| t.narrow(1, start, n)?.t()?.contiguous();
         // d B[:, rows] = dyᵀ scaled[:, rows] (as its transpose: only the [m, n] side is copied);
         // d A[rows] = d_product[:, rows]ᵀ input.
-        let d_b = rows(&lora.scaled)?.matmul(&dy)?.t()?;
-        let d_a = rows(&d_product)?.matmul(&lora.input)?;
+        let d_b = matmul(&rows(&lora.scaled)?, &dy)?.t()?;
+        let d_a = matmul(&rows(&d_product)?, &lora.input)?;
         let after = lora.stored_rank.checked_sub(start + n).ok_or_else(|| {
             candle_core::Error::msg(format!(
                 "{:?}: rank {} is above the {} stored",
@@ -177,7 +178,7 @@ impl Saved<'_> {
         let acc = acc.reshape((lhs.dim(0)?, rhs.dim(1)?))?;
         let sum = match self.fused_add {
             true => add_product(acc, lhs, rhs)?,
-            false => (acc + lhs.matmul(rhs)?)?,
+            false => (acc + matmul(lhs, rhs)?)?,
         };
         sum.reshape(shape)
     }

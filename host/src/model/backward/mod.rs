@@ -25,6 +25,7 @@ use super::fused::softmax::{causal_softmax, causal_softmax_backward};
 use super::fused::swiglu::{swiglu, swiglu_backward};
 use super::llama::{Llama, Positions, repeat_kv};
 use super::lora::{AdapterCall, ModuleKey};
+use super::matmul::matmul;
 
 /// The gradients of one decoder layer: of its input, and of each adapter module in it whose
 /// rows learn.
@@ -140,11 +141,10 @@ impl Llama {
         let q = rope(&split(q, shape.heads)?, cos, sin)?;
         let k = repeat_kv(&rope(&split(k, shape.kv_heads)?, cos, sin)?, shape.group())?;
         let v = repeat_kv(&split(v, shape.kv_heads)?, shape.group())?;
-        let scores = q.matmul(&k.t()?)?;
+        let scores = matmul(&q, &k.t()?)?;
         let probs = causal_softmax(&scores, shape.softmax_scale())?;
         let attn =
-            probs
-                .matmul(&v)?
+            matmul(&probs, &v)?
                 .transpose(1, 2)?
                 .reshape((b, t, shape.heads * shape.head_dim))?;
         let (out, o_saved) = linear(LinearKind::O, &attn)?;
@@ -177,13 +177,13 @@ impl Llama {
             .reshape((b, t, shape.heads, shape.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let d_probs = d_attn.matmul(&tape.v.t()?)?;
-        let d_v = tape.probs.t()?.matmul(&d_attn)?;
+        let d_probs = matmul(&d_attn, &tape.v.t()?)?;
+        let d_v = matmul(&tape.probs.t()?, &d_attn)?;
         drop((d_attn, tape.probs));
         let d_scores = causal_softmax_backward(&tape.scores, &d_probs, shape.softmax_scale())?;
         drop((d_probs, tape.scores));
-        let d_q = d_scores.matmul(&tape.k)?;
-        let d_k = d_scores.t()?.matmul(&tape.q)?;
+        let d_q = matmul(&d_scores, &tape.k)?;
+        let d_k = matmul(&d_scores.t()?, &tape.q)?;
         drop(d_scores);
         let (cos, sin) = positions.rope_tables();
         let merge = |d: Tensor, n: usize| d.transpose(1, 2)?.reshape((b, t, n * shape.head_dim));

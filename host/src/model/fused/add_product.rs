@@ -30,7 +30,7 @@ pub(crate) fn add_product(acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_cor
         return Ok(acc);
     }
     if acc.device().is_cpu() {
-        return acc + lhs.matmul(rhs)?;
+        return acc + crate::model::matmul::matmul(lhs, rhs)?;
     }
     acc.inplace_op3(lhs, rhs, &AddProduct)?;
     Ok(acc)
