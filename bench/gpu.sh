@@ -27,6 +27,8 @@
 #                                       written-out layer backward needs the fused ops, so a
 #                                       row with one of them off runs autograd: compare it
 #                                       with the layer-backward row
+#   SKIP_EVENT_TRACKING=1               train: skip the extra "before" run with cudarc's
+#                                       event tracking on (--cudarc-event-tracking)
 #   PEER_ONLY=1 / OURS_ONLY=1           train: run one side only
 #   NSYS=1                              train: also profile ours with Nsight Systems (if `nsys`
 #                                       is installed) and print its per-kernel time summary,
@@ -36,7 +38,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -e/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -85,14 +87,21 @@ if [[ "$mode" == train ]]; then
             --seq "$SEQ" --r-max "$R_MAX" --alpha 16 --warmup "$WARMUP_STEPS" --steps "$STEPS")
         ours_json=$("${ours[@]}" --json)
         echo "qdylora: $ours_json"
-        # Each fusion's "before": the same run with that op unfused.
+        # Each fusion's "before": the same run with that op unfused; and the same run with
+        # cudarc's event tracking left on (it is off by default, see gpu/device.rs).
+        befores=()
         for off in ${UNFUSE-layer-backward lora-add softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
-            one=$("${ours[@]}" --json --unfuse "$off")
-            echo "qdylora --unfuse $off: $one"
-            unfused_json=$(UNFUSED="$unfused_json" ONE="$one" OFF="$off" "$PYTHON" -c '
+            befores+=("--unfuse $off")
+        done
+        [[ -n "${SKIP_EVENT_TRACKING:-}" ]] || befores+=("--cudarc-event-tracking")
+        for before in "${befores[@]}"; do
+            # shellcheck disable=SC2086 # "--unfuse name" is two words on purpose
+            one=$("${ours[@]}" --json $before)
+            echo "qdylora $before: $one"
+            unfused_json=$(UNFUSED="$unfused_json" ONE="$one" BEFORE="$before" "$PYTHON" -c '
 import json, os
 runs = json.loads(os.environ["UNFUSED"])
-runs.append(dict(json.loads(os.environ["ONE"]), unfuse=os.environ["OFF"]))
+runs.append(dict(json.loads(os.environ["ONE"]), before=os.environ["BEFORE"]))
 print(json.dumps(runs))')
         done
         if [[ -n "${NSYS:-}" ]]; then
@@ -121,7 +130,7 @@ if ours:
     rows.append((f"qdylora QDyLoRA r_max 64 (frozen, sampled b; {ours['backward']} backward)",
                  ours["tokens_per_s"], ours["peak_gib"]))
 for run in json.loads(os.environ["UNFUSED_JSON"]):
-    rows.append((f"qdylora, --unfuse {run['unfuse']} (before that fusion; {run['backward']} backward)",
+    rows.append((f"qdylora, {run['before']} (before that change; {run['backward']} backward)",
                  run["tokens_per_s"], run["peak_gib"]))
 if peer:
     q = peer["qlora_7b_b4_s1024"]

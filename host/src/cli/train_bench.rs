@@ -93,6 +93,10 @@ pub struct Args {
     /// `all` for every one).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub unfuse: Vec<FusionArg>,
+    /// GPU only: keep cudarc's per-buffer event tracking on (it is switched off when the GPU is
+    /// opened, see `gpu::device::set_event_tracking`), to measure what it costs.
+    #[arg(long)]
+    pub cudarc_event_tracking: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -168,6 +172,8 @@ pub struct BenchReport {
     pub dtype: String,
     /// Which fused ops ran.
     pub fusions: Fusions,
+    /// GPU only: whether cudarc's event tracking was on (`--cudarc-event-tracking`).
+    pub event_tracking: Option<bool>,
     /// Per-layer activation recomputation.
     pub recompute: bool,
     /// How the layers' backward ran: `written-out` (`model::backward`, with recomputation and
@@ -229,6 +235,9 @@ pub fn run(args: &Args) -> Result<()> {
                 report.losses
             );
         }
+        if let Some(on) = report.event_tracking {
+            println!("cudarc event tracking {}", if on { "on" } else { "off" });
+        }
         match report.peak_gib {
             Some(p) => println!(
                 "peak GPU memory {p:.2} GiB (weights {:.2}; {})",
@@ -250,12 +259,26 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Applies `--cudarc-event-tracking` before anything is allocated; `None` on the CPU.
+fn event_tracking(device: &Device, keep: bool) -> Result<Option<bool>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            crate::gpu::device::set_event_tracking(cuda, keep);
+            Ok(Some(keep))
+        }
+        _ if keep => bail!("--cudarc-event-tracking is for --device cuda"),
+        _ => Ok(None),
+    }
+}
+
 /// Builds the model, trains `warmup + steps` steps, times the last `steps`.
 pub fn bench(args: &Args) -> Result<BenchReport> {
     if args.steps == 0 || args.batch == 0 || args.seq == 0 {
         bail!("--steps, --batch and --seq must be at least 1");
     }
     let (device, dtype) = open(args.device)?;
+    let event_tracking = event_tracking(&device, args.cudarc_event_tracking)?;
     let mut config = args.shape.config();
     if let Some(layers) = args.layers {
         if layers == 0 || layers > config.num_layers {
@@ -324,6 +347,7 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         r_max: args.r_max,
         dtype: format!("{dtype:?}").to_lowercase(),
         fusions: model.fusions,
+        event_tracking,
         recompute: trainer.recompute,
         backward: match trainer.recompute && model.has_layer_backward() {
             true => "written-out",

@@ -27,7 +27,8 @@ pub struct Gpu {
 
 impl Gpu {
     /// Opens device 0, or says in one line why there is no usable GPU. Also lets the memory
-    /// pool keep freed memory ([`memory::keep_freed_memory`]).
+    /// pool keep freed memory ([`memory::keep_freed_memory`]) and switches off cudarc's event
+    /// tracking ([`set_event_tracking`]).
     pub fn open() -> Result<Self> {
         // cuInit fails with the driver's reason (e.g. CUDA_ERROR_NO_DEVICE) when there is
         // nothing to open; asking for the count first keeps that message short.
@@ -45,6 +46,7 @@ impl Gpu {
         // Keep freed memory in the pool between steps, as PyTorch's caching allocator does,
         // instead of unmapping it at every synchronization (the pool's default).
         memory::keep_freed_memory(&cuda)?;
+        set_event_tracking(&cuda, false);
         let ctx = cuda.cuda_stream().context().clone();
         let name = ctx.name().context("reading the device name")?;
         let compute_capability = ctx
@@ -56,6 +58,31 @@ impl Gpu {
             name,
             compute_capability,
         })
+    }
+}
+
+/// Switches cudarc's per-buffer event tracking on or off for the buffers made from now on.
+///
+/// Why off: candle opens its own stream with `CudaContext::new_stream`, which puts cudarc 0.19
+/// in multi-stream mode, and with tracking on (cudarc's default) every buffer then gets two
+/// CUDA events when it is allocated, every kernel launch makes the stream wait on each
+/// argument's last-write event and records a new one per argument, and every free waits on
+/// both events (`CudaSlice::drop`, `LaunchArgs`, `SyncOnDrop` in cudarc's `driver/safe`).
+/// That is several driver calls per launch and per buffer that only order work between
+/// streams, and everything here runs on that one stream: candle's kernels, its cuBLAS handle
+/// (`add_product` uses the same handle) and this module's NVRTC kernels, whose launches go to
+/// `cuda_stream()`. Stream order alone already orders them. `train-bench
+/// --cudarc-event-tracking` keeps it on, to measure the difference.
+pub fn set_event_tracking(cuda: &CudaDevice, on: bool) {
+    // SAFETY: turning tracking off is unsafe in cudarc because work on different streams would
+    // then be unordered; every launch and copy of this process goes to candle's one stream
+    // (see above), so stream order is the only order needed. Buffers made before the switch
+    // keep their events, which cudarc 0.19 ignores once tracking is off.
+    unsafe {
+        match on {
+            true => cuda.cuda_stream().context().enable_event_tracking(),
+            false => cuda.disable_event_tracking(),
+        }
     }
 }
 
