@@ -63,21 +63,20 @@ impl Gpu {
 
 /// Switches cudarc's per-buffer event tracking on or off for the buffers made from now on.
 ///
-/// Why off: candle opens its own stream with `CudaContext::new_stream`, which puts cudarc 0.19
-/// in multi-stream mode, and with tracking on (cudarc's default) every buffer then gets two
-/// CUDA events when it is allocated, every kernel launch makes the stream wait on each
-/// argument's last-write event and records a new one per argument, and every free waits on
-/// both events (`CudaSlice::drop`, `LaunchArgs`, `SyncOnDrop` in cudarc's `driver/safe`).
-/// That is several driver calls per launch and per buffer that only order work between
-/// streams, and everything here runs on that one stream: candle's kernels, its cuBLAS handle
-/// (`add_product` uses the same handle) and this module's NVRTC kernels, whose launches go to
-/// `cuda_stream()`. Stream order alone already orders them. `train-bench
-/// --cudarc-event-tracking` keeps it on, to measure the difference.
+/// Why off: with tracking on (cudarc's default) every buffer cudarc allocates gets two CUDA
+/// events when it is made (`cuEventCreate`), destroyed when it is freed: four driver calls per
+/// buffer, thousands of buffers per training step. They would order work between streams, and
+/// cudarc only uses them once a context has a second stream (`new_stream`; cudarc's
+/// `is_managing_stream_synchronization`). candle 0.11's `Device::new_cuda` runs everything on
+/// the per-thread default stream of the thread that issues it, and this process issues all
+/// GPU work from one thread: candle's kernels, its cuBLAS handle (`add_product` uses the same
+/// handle) and this module's NVRTC kernels, launched on `cuda_stream()`. Stream order already
+/// orders them. `train-bench --cudarc-event-tracking` keeps it on, to measure the difference.
 pub fn set_event_tracking(cuda: &CudaDevice, on: bool) {
     // SAFETY: turning tracking off is unsafe in cudarc because work on different streams would
-    // then be unordered; every launch and copy of this process goes to candle's one stream
-    // (see above), so stream order is the only order needed. Buffers made before the switch
-    // keep their events, which cudarc 0.19 ignores once tracking is off.
+    // then be unordered; every launch and copy of this process goes to one stream from one
+    // thread (see above), so stream order is the only order needed. Buffers made before the
+    // switch keep their events, which cudarc 0.19 ignores once tracking is off.
     unsafe {
         match on {
             true => cuda.cuda_stream().context().enable_event_tracking(),
