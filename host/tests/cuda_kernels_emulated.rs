@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use half::bf16;
 use qdylora::model::fused::softmax::Element;
 use qdylora::model::fused::{rms_norm, rope, softmax, swiglu};
+use qdylora::train::adamw_fused::{MomentStep, ParamStep, RankSlice, moment_values, param_values};
 use qdylora_core::nf4;
 use qdylora_formats::Nf4Weight;
 use rand::rngs::StdRng;
@@ -1081,6 +1082,107 @@ fn the_kernels_have_no_data_race() {
         &args,
     )
     .unwrap();
+}
+
+// ---- Masked AdamW (adamw.cu) against train::adamw_fused's CPU loops: the same f32 operations
+// in the same order, so bit for bit (sqrt and division are correctly rounded on both).
+
+/// (rows, cols, rank_dim, start, len, grid): rows of A (whole, one contiguous run) and
+/// columns of B (strided), one rank or several, the first and the last index, and grids
+/// smaller than the slice so the loop wraps.
+const ADAMW_CASES: [(usize, usize, usize, usize, usize, u32); 5] = [
+    (8, 300, 0, 3, 1, 2),
+    (8, 300, 0, 0, 8, 1),
+    (700, 8, 1, 7, 1, 3),
+    (700, 8, 1, 2, 3, 1),
+    (1, 1, 0, 0, 1, 1),
+];
+
+#[test]
+fn adamw_matches_the_cpu_update_bit_for_bit() {
+    for (seed, &(rows, cols, rank_dim, start, len, grid)) in ADAMW_CASES.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(900 + seed as u64);
+        let n = rows * cols;
+        let mut values =
+            |scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
+        let (param, grad, m) = (values(0.5), values(4.0), values(0.1));
+        let v: Vec<f32> = values(0.1).iter().map(|x| x * x).collect();
+        let slice = RankSlice {
+            rows,
+            cols,
+            rank_dim,
+            start,
+            len,
+        };
+        let dims = || [rows, cols, rank_dim, start, len].map(|d| Arg::U32(d as u32));
+        let case = format!("{rows}x{cols}, rank_dim {rank_dim}, ranks {start}..+{len}");
+        for (squared, beta, grad_scale) in [(false, 0.9f64, 1.0f32), (true, 0.999, 0.37)] {
+            let step = MomentStep {
+                grad_scale,
+                beta: beta as f32,
+                one_minus_beta: (1.0 - beta) as f32,
+                squared,
+            };
+            let moment = if squared { &v } else { &m };
+            let mut want = moment.clone();
+            moment_values(&mut want, &grad, &step, &slice);
+            let mut args = vec![Arg::Buf(f32_bytes(moment)), Arg::Buf(f32_bytes(&grad))];
+            args.extend(dims());
+            args.extend([
+                Arg::F32(grad_scale),
+                Arg::F32(step.beta),
+                Arg::F32(step.one_minus_beta),
+                Arg::U32(u32::from(squared)),
+            ]);
+            let got = f32s(&launch("adamw_moment", grid, ELEMENTWISE_BLOCK, &args)[0]);
+            same_bits_f32(
+                &format!("adamw_moment squared {squared}, {case}"),
+                &got,
+                &want,
+            );
+        }
+        for round_bf16 in [false, true] {
+            let step = ParamStep {
+                inv_bc1: (1.0 / (1.0 - 0.9f64.powi(3))) as f32,
+                inv_bc2: (1.0 / (1.0 - 0.999f64.powi(3))) as f32,
+                eps: 1e-8,
+                decay: (1.0 - 2e-4 * 0.1f64) as f32,
+                lr: 2e-4,
+                round_bf16,
+            };
+            let mut want = param.clone();
+            param_values(&mut want, &m, &v, &step, &slice);
+            let mut args = vec![
+                Arg::Buf(f32_bytes(&param)),
+                Arg::Buf(f32_bytes(&m)),
+                Arg::Buf(f32_bytes(&v)),
+            ];
+            args.extend(dims());
+            args.extend([
+                Arg::F32(step.inv_bc1),
+                Arg::F32(step.inv_bc2),
+                Arg::F32(step.eps),
+                Arg::F32(step.decay),
+                Arg::F32(step.lr),
+                Arg::U32(u32::from(round_bf16)),
+            ]);
+            let got = f32s(&launch("adamw_param", grid, ELEMENTWISE_BLOCK, &args)[0]);
+            same_bits_f32(
+                &format!("adamw_param round {round_bf16}, {case}"),
+                &got,
+                &want,
+            );
+            // Outside the slice nothing moved.
+            let inside: std::collections::HashSet<usize> =
+                (0..slice.values()).map(|i| slice.index(i)).collect();
+            let moved_outside = (0..n).filter(|i| !inside.contains(i) && got[*i] != param[*i]);
+            assert_eq!(
+                moved_outside.count(),
+                0,
+                "{case}: values outside the slice moved"
+            );
+        }
+    }
 }
 
 #[test]

@@ -132,6 +132,8 @@ pub enum FusionArg {
     /// In the written-out layer backward, the LoRA products added by the product itself
     /// (cuBLAS beta = 1) rather than by a separate sum.
     LoraAdd,
+    /// The optimizer's fused in-place AdamW (the candle-op update instead).
+    Adamw,
 }
 
 /// Every fusion except those named.
@@ -148,6 +150,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::LoraScale => fusions.lora_scale = false,
             FusionArg::LayerBackward => fusions.layer_backward = false,
             FusionArg::LoraAdd => fusions.lora_add = false,
+            FusionArg::Adamw => fusions.adamw = false,
         }
     }
     fusions

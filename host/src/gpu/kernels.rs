@@ -54,6 +54,9 @@ pub static ROPE: KernelSource = KernelSource::new("qdylora_rope", with_elements!
 pub static CROSS_ENTROPY: KernelSource =
     KernelSource::new("qdylora_cross_entropy", with_elements!("cross_entropy.cu"));
 
+/// The masked AdamW update of an adapter matrix, in place (`adamw.cu`).
+pub static ADAMW: KernelSource = KernelSource::new("qdylora_adamw", with_elements!("adamw.cu"));
+
 /// Seeded random bytes for speed-only weights (`fill_random.cu`).
 pub static FILL_RANDOM: KernelSource =
     KernelSource::new("qdylora_fill_random", include_str!("fill_random.cu"));
@@ -136,7 +139,7 @@ mod tests {
     #[test]
     fn kernels_compile() {
         // Every source with its entry points (`_f32` and `_bf16` where a name ends in `_`).
-        let sources: [(&KernelSource, &[&str]); 7] = [
+        let sources: [(&KernelSource, &[&str]); 8] = [
             (&NF4_DEQUANT, &["nf4_dq_dequantize_"]),
             (&FILL_RANDOM, &["fill_random_u8"]),
             (
@@ -148,6 +151,7 @@ mod tests {
                 &["swiglu_fwd_", "swiglu_bwd_gate_", "swiglu_bwd_up_"],
             ),
             (&RMS_NORM, &["rms_norm_fwd_", "rms_norm_bwd_"]),
+            (&ADAMW, &["adamw_moment", "adamw_param"]),
             (&ROPE, &["rope_"]),
             (
                 &CROSS_ENTROPY,

@@ -1,4 +1,5 @@
 //! Training: data, loss and evaluation, the masked optimizer, the DyLoRA loop and its driver.
+pub mod adamw_fused;
 pub mod data;
 pub mod eval;
 pub mod optim;

@@ -12,6 +12,8 @@ use std::ops::Range;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::adamw_fused;
+
 /// AdamW hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -89,6 +91,34 @@ impl MaskedAdamW {
         let c = self.config;
         for ((param, grad), state) in params.iter().zip(grads).zip(self.states.iter_mut()) {
             update(c, state, param, grad, ranks.clone(), lr, round_to)?;
+        }
+        Ok(())
+    }
+
+    /// [`MaskedAdamW::step`] on gradients to be scaled by `grad_scale` (the clipping factor),
+    /// each matrix updated in place by the fused ops ([`super::adamw_fused`]) where they apply
+    /// and by the candle ops otherwise. The same values either way.
+    pub fn step_fused(
+        &mut self,
+        params: &[&Var],
+        grads: &[Tensor],
+        ranks: Range<usize>,
+        lr: f64,
+        round_to: DType,
+        grad_scale: Option<f64>,
+    ) -> candle_core::Result<()> {
+        let c = self.config;
+        for ((param, grad), state) in params.iter().zip(grads).zip(self.states.iter_mut()) {
+            let scale = grad_scale.unwrap_or(1.0);
+            let fused =
+                adamw_fused::update(c, state, param, grad, ranks.clone(), lr, round_to, scale)?;
+            if !fused {
+                let grad = match grad_scale {
+                    Some(s) => (grad * s)?,
+                    None => grad.clone(),
+                };
+                update(c, state, param, &grad, ranks.clone(), lr, round_to)?;
+            }
         }
         Ok(())
     }
@@ -175,18 +205,34 @@ fn slice_ranges(dims: &[usize], d: usize, ranks: Range<usize>) -> Vec<Range<usiz
 /// The global L2 norm of `grads`; scales them to `max_norm` when above it. Returns the norm
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
-    let mut total = 0.0f64;
-    for g in grads.iter() {
-        total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-    }
-    let norm = total.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let norm = grad_norm(grads)?;
+    if let Some(scale) = clip_factor(norm, max_norm) {
         for g in grads.iter_mut() {
             *g = (&*g * scale)?;
         }
     }
     Ok(norm)
+}
+
+/// The global L2 norm of f32 `grads`. The per-gradient sums of squares are read back together,
+/// one synchronization on a GPU rather than one per gradient, and added in f64 in order.
+pub fn grad_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
+    if grads.is_empty() {
+        return Ok(0.0);
+    }
+    let sums = grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let sums: Vec<f32> = Tensor::stack(&sums, 0)?.to_vec1()?;
+    let total = sums.iter().fold(0.0f64, |total, &s| total + f64::from(s));
+    Ok(total.sqrt())
+}
+
+/// The factor that scales gradients of global norm `norm` to `max_norm`, when above it (and
+/// `max_norm` > 0).
+pub fn clip_factor(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
 }
 
 /// Learning-rate shape after warmup.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{Batch, DataCursor, Dataset, Example};
 use super::eval::{eval_loss, masked_cross_entropy};
-use super::optim::{AdamWConfig, MaskedAdamW, Schedule, clip_grad_norm};
+use super::optim::{AdamWConfig, MaskedAdamW, Schedule, clip_factor, grad_norm};
 use super::recompute;
 use crate::model::llama::Llama;
 use crate::model::lora::{Adapter, AdapterCall, Dropout, LoraModule, ModuleKey, RankGrad};
@@ -312,7 +312,7 @@ impl<'m> Trainer<'m> {
             .zip(&vars)
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
-        let grad_norm = clip_grad_norm(&mut grads, c.max_grad_norm)?;
+        let grad_norm = grad_norm(&grads)?;
         if !grad_norm.is_finite() {
             bail!(
                 "the gradient became non-finite at step {} (rank {rank}); stopping. The last good \
@@ -321,8 +321,19 @@ impl<'m> Trainer<'m> {
             );
         }
         let lr = c.schedule.lr_at(self.step);
-        self.optim
-            .step(&vars, &grads, rows, lr, c.adapter_dtype.dtype())?;
+        let clip = clip_factor(grad_norm, c.max_grad_norm);
+        let round_to = c.adapter_dtype.dtype();
+        if self.model.fusions.adamw {
+            self.optim
+                .step_fused(&vars, &grads, rows, lr, round_to, clip)?;
+        } else {
+            if let Some(scale) = clip {
+                for g in grads.iter_mut() {
+                    *g = (&*g * scale)?;
+                }
+            }
+            self.optim.step(&vars, &grads, rows, lr, round_to)?;
+        }
         self.step += 1;
         Ok(StepReport {
             step: self.step,

@@ -64,6 +64,10 @@ namespace cross_entropy {
 #include "elements.cuh"
 #include "cross_entropy.cu"
 }
+namespace adamw {
+#include "elements.cuh"
+#include "adamw.cu"
+}
 namespace selftest {
 #include "selftest.cu"
 }
@@ -232,6 +236,8 @@ const std::map<std::string, void (*)(Launch&)> registry = {
     KERNEL(rms_norm, rms_norm_bwd_bf16),
     KERNEL(rope, rope_f32),
     KERNEL(rope, rope_bf16),
+    KERNEL(adamw, adamw_moment),
+    KERNEL(adamw, adamw_param),
     KERNEL(cross_entropy, cross_entropy_fwd_f32),
     KERNEL(cross_entropy, cross_entropy_fwd_bf16),
     KERNEL(cross_entropy, cross_entropy_bwd_f32),

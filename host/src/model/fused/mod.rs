@@ -52,6 +52,9 @@ pub struct Fusions {
     /// results by the product itself ([`add_product::add_product`]: cuBLAS with beta = 1 on a
     /// GPU) instead of a separate sum. No effect without `layer_backward`.
     pub lora_add: bool,
+    /// The optimizer's masked AdamW as three in-place ops per adapter matrix on the trained
+    /// ranks ([`crate::train::adamw_fused`]) instead of ~45 candle ops. The same values.
+    pub adamw: bool,
 }
 
 impl Fusions {
@@ -65,6 +68,7 @@ impl Fusions {
         lora_scale: true,
         layer_backward: true,
         lora_add: true,
+        adamw: true,
     };
     /// Every fusion off: the unfused chains.
     pub const NONE: Self = Self {
@@ -76,6 +80,7 @@ impl Fusions {
         lora_scale: false,
         layer_backward: false,
         lora_add: false,
+        adamw: false,
     };
 }
 

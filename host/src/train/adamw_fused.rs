@@ -1,0 +1,412 @@
+//! The masked AdamW update of [`super::optim`] as three in-place ops per adapter matrix (the
+//! first moment, the second, then the parameter), each touching only the rank indices being
+//! trained. `--unfuse adamw` runs the candle-op update instead.
+//!
+//! Why: the candle-op update is ~20 ops per matrix and three `slice_assign`s of ~8 ops each
+//! (ones, zero padding, concatenation, `where_cond` over the whole matrix). At the LLaMA-7B
+//! shape (224 matrices) that is ~10,000 launches after every backward, each microseconds of
+//! GPU work, so the GPU waits on the CPU to issue them; fused it is 672.
+//!
+//! Same numbers: every f32 operation is the one candle's ops perform, in the same order
+//! (`t * c` is candle's affine `t * (c as f32) + 0.0`, `t / c` multiplies by `(1 / c) as f32`,
+//! `t + c` is `t * 1.0 + c as f32`), so on the CPU the fused update gives the candle-op update
+//! bit for bit (tested below, and the trainer's histories with it). The CUDA kernels
+//! (`gpu/adamw.cu`) are the same loops, checked against [`moment_values`] and [`param_values`]
+//! under the CUDA emulation.
+//!
+//! It applies when the trained ranks have all been trained equally often (always in DyLoRA's
+//! frozen mode, which trains one rank per step) and the matrices are f32; otherwise
+//! [`update`] says so and the caller runs the candle-op update.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use half::bf16;
+
+use super::optim::{AdamWConfig, ParamState};
+
+/// The trained part of a row-major `[rows, cols]` matrix: rank indices `start..start + len`
+/// along `rank_dim` (rows of `A` when 0, columns of `B` when 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankSlice {
+    /// Rows of the matrix.
+    pub rows: usize,
+    /// Columns of the matrix.
+    pub cols: usize,
+    /// 0 or 1.
+    pub rank_dim: usize,
+    /// First trained rank index.
+    pub start: usize,
+    /// Trained rank indices.
+    pub len: usize,
+}
+
+impl RankSlice {
+    /// Values in the slice.
+    pub fn values(&self) -> usize {
+        let across = if self.rank_dim == 0 {
+            self.cols
+        } else {
+            self.rows
+        };
+        across * self.len
+    }
+
+    /// The flat index of the slice's `i`-th value (as `slice_index` in `adamw.cu`).
+    pub fn index(&self, i: usize) -> usize {
+        match self.rank_dim {
+            0 => self.start * self.cols + i,
+            _ => (i / self.len) * self.cols + self.start + i % self.len,
+        }
+    }
+}
+
+/// One moment's update: `moment = beta moment + (1 - beta) g` (or `g²` when `squared`), with
+/// `g = grad · grad_scale` (the clipping factor, 1 when not clipping).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MomentStep {
+    /// The clipping factor.
+    pub grad_scale: f32,
+    /// The moment's decay.
+    pub beta: f32,
+    /// `1 - beta`, rounded from f64 as candle's affine rounds it.
+    pub one_minus_beta: f32,
+    /// The second moment (`g²`) rather than the first.
+    pub squared: bool,
+}
+
+/// The parameter's update: `p = p decay - lr m̂ / (sqrt(v̂) + eps)`, `m̂ = m inv_bc1`,
+/// `v̂ = v inv_bc2`, then rounded to bf16 values when `round_bf16`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamStep {
+    /// `1 / (1 - beta1^t)`.
+    pub inv_bc1: f32,
+    /// `1 / (1 - beta2^t)`.
+    pub inv_bc2: f32,
+    /// The denominator's epsilon.
+    pub eps: f32,
+    /// `1 - lr · weight_decay`.
+    pub decay: f32,
+    /// The learning rate.
+    pub lr: f32,
+    /// Re-round to bf16 values (bf16 adapters keep f32 optimizer math).
+    pub round_bf16: bool,
+}
+
+/// The moment update on the slice, on the CPU (the reference for `adamw_moment`).
+pub fn moment_values(moment: &mut [f32], grad: &[f32], step: &MomentStep, slice: &RankSlice) {
+    for i in 0..slice.values() {
+        let at = slice.index(i);
+        let g = grad[at] * step.grad_scale + 0.0;
+        let term = if step.squared { g * g } else { g };
+        moment[at] = (moment[at] * step.beta + 0.0) + (term * step.one_minus_beta + 0.0);
+    }
+}
+
+/// The parameter update on the slice, on the CPU (the reference for `adamw_param`).
+pub fn param_values(param: &mut [f32], m: &[f32], v: &[f32], step: &ParamStep, slice: &RankSlice) {
+    for i in 0..slice.values() {
+        let at = slice.index(i);
+        let m_hat = m[at] * step.inv_bc1 + 0.0;
+        let v_hat = v[at] * step.inv_bc2 + 0.0;
+        let update = m_hat / (v_hat.sqrt() * 1.0 + step.eps);
+        let p = (param[at] * step.decay + 0.0) - (update * step.lr + 0.0);
+        param[at] = match step.round_bf16 {
+            true => bf16::from_f32(p).to_f32(),
+            false => p,
+        };
+    }
+}
+
+/// Applies one masked AdamW step to `ranks` of `param` in place, with the gradient scaled by
+/// `grad_scale`. Returns `false`, changing nothing, where the fused update does not apply (see
+/// the module notes); the caller then runs [`super::optim`]'s update.
+#[allow(clippy::too_many_arguments)] // the optimizer's step, one matrix at a time
+pub fn update(
+    c: AdamWConfig,
+    state: &mut ParamState,
+    param: &Var,
+    grad: &Tensor,
+    ranks: Range<usize>,
+    lr: f64,
+    round_to: DType,
+    grad_scale: f64,
+) -> candle_core::Result<bool> {
+    let p = param.as_tensor();
+    let all_f32 = [p, grad, &state.m, &state.v]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.dims() == p.dims() && t.is_contiguous());
+    let counts = &state.steps[ranks.clone()];
+    let uniform = counts.iter().all(|&t| t == counts[0]);
+    let round_bf16 = match round_to {
+        DType::F32 => false,
+        DType::BF16 => true,
+        _ => return Ok(false),
+    };
+    if ranks.is_empty() || p.rank() != 2 || !all_f32 || !uniform {
+        return Ok(false);
+    }
+    for k in ranks.clone() {
+        state.steps[k] += 1;
+    }
+    let t = state.steps[ranks.start] as i32;
+    let (rows, cols) = p.dims2()?;
+    let slice = RankSlice {
+        rows,
+        cols,
+        rank_dim: state.rank_dim,
+        start: ranks.start,
+        len: ranks.len(),
+    };
+    // Each constant rounded from f64 where candle's op rounds it (see the module notes).
+    let moment = |beta: f64, squared| MomentOp {
+        step: MomentStep {
+            grad_scale: grad_scale as f32,
+            beta: beta as f32,
+            one_minus_beta: (1.0 - beta) as f32,
+            squared,
+        },
+        slice,
+    };
+    state.m.inplace_op2(grad, &moment(c.beta1, false))?;
+    state.v.inplace_op2(grad, &moment(c.beta2, true))?;
+    let step = ParamStep {
+        inv_bc1: (1.0 / (1.0 - c.beta1.powi(t))) as f32,
+        inv_bc2: (1.0 / (1.0 - c.beta2.powi(t))) as f32,
+        eps: c.eps as f32,
+        decay: (1.0 - lr * c.weight_decay) as f32,
+        lr: lr as f32,
+        round_bf16,
+    };
+    p.inplace_op3(&state.m, &state.v, &ParamOp { step, slice })?;
+    Ok(true)
+}
+
+/// The moment update as an in-place op on the moment.
+struct MomentOp {
+    step: MomentStep,
+    slice: RankSlice,
+}
+
+/// The parameter update as an in-place op on the parameter, reading both moments.
+struct ParamOp {
+    step: ParamStep,
+    slice: RankSlice,
+}
+
+/// The f32 values of a contiguous CPU matrix holding at least `len` of them.
+fn cpu_values<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) if end - start >= len => Ok(&v[start..end]),
+        _ => candle_core::bail!("fused AdamW: expected a contiguous f32 matrix of {len} values"),
+    }
+}
+
+fn cpu_values_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    len: usize,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) if end - start >= len => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("fused AdamW: expected a contiguous f32 matrix of {len} values"),
+    }
+}
+
+impl InplaceOp2 for MomentOp {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        moment: &mut CpuStorage,
+        moment_l: &Layout,
+        grad: &CpuStorage,
+        grad_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let len = self.slice.rows * self.slice.cols;
+        let grad = cpu_values(grad, grad_l, len)?;
+        let moment = cpu_values_mut(moment, moment_l, len)?;
+        moment_values(moment, grad, &self.step, &self.slice);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        moment: &mut candle_core::CudaStorage,
+        moment_l: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_l: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::gpu::adamw::moment((moment, moment_l), (grad, grad_l), &self.step, &self.slice)
+    }
+}
+
+impl InplaceOp3 for ParamOp {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        param: &mut CpuStorage,
+        param_l: &Layout,
+        m: &CpuStorage,
+        m_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let len = self.slice.rows * self.slice.cols;
+        let (m, v) = (cpu_values(m, m_l, len)?, cpu_values(v, v_l, len)?);
+        let param = cpu_values_mut(param, param_l, len)?;
+        param_values(param, m, v, &self.step, &self.slice);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        param: &mut candle_core::CudaStorage,
+        param_l: &Layout,
+        m: &candle_core::CudaStorage,
+        m_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let inputs = [(m, m_l), (v, v_l)];
+        crate::gpu::adamw::param((param, param_l), inputs, &self.step, &self.slice)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::train::optim::MaskedAdamW;
+
+    fn random(rng: &mut StdRng, dims: (usize, usize), scale: f32) -> Tensor {
+        let v: Vec<f32> = (0..dims.0 * dims.1)
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Steps of (ranks, clipping factor): one rank at a time as frozen DyLoRA trains, a rank
+    /// again, the first and the last index, and a range trained equally often.
+    const STEPS: [(Range<usize>, Option<f64>); 6] = [
+        (2..3, None),
+        (0..1, Some(0.37)),
+        (2..3, None),
+        (5..6, Some(0.9)),
+        (3..5, None),
+        (3..5, Some(0.5)),
+    ];
+
+    #[test]
+    fn fused_steps_give_the_candle_op_update_bit_for_bit() {
+        for (rank_dim, dims) in [(0, (6, 7)), (1, (9, 6))] {
+            for (round_to, wd) in [(DType::F32, 0.0), (DType::BF16, 0.1)] {
+                let mut rng = StdRng::seed_from_u64(rank_dim as u64 * 10 + wd as u64);
+                let init = random(&mut rng, dims, 0.5);
+                let cfg = AdamWConfig {
+                    weight_decay: wd,
+                    ..AdamWConfig::default()
+                };
+                let (ours, theirs) = (
+                    Var::from_tensor(&init).unwrap(),
+                    Var::from_tensor(&init).unwrap(),
+                );
+                let mut fused = MaskedAdamW::new(cfg, &[(&ours, rank_dim)]).unwrap();
+                let mut plain = MaskedAdamW::new(cfg, &[(&theirs, rank_dim)]).unwrap();
+                for (step, (ranks, clip)) in STEPS.iter().enumerate() {
+                    let grad = random(&mut rng, dims, 3.0);
+                    let lr = 1e-2 / (step + 1) as f64;
+                    let applied = update(
+                        cfg,
+                        &mut fused.states[0],
+                        &ours,
+                        &grad,
+                        ranks.clone(),
+                        lr,
+                        round_to,
+                        clip.unwrap_or(1.0),
+                    )
+                    .unwrap();
+                    assert!(applied, "step {step}: the ranks were trained equally often");
+                    let scaled = match clip {
+                        Some(s) => (&grad * *s).unwrap(),
+                        None => grad,
+                    };
+                    plain
+                        .step(&[&theirs], &[scaled], ranks.clone(), lr, round_to)
+                        .unwrap();
+                    let case = format!("rank_dim {rank_dim}, {round_to:?}, step {step}");
+                    assert_eq!(
+                        bits(ours.as_tensor()),
+                        bits(theirs.as_tensor()),
+                        "{case}: param"
+                    );
+                    assert_eq!(
+                        bits(&fused.states[0].m),
+                        bits(&plain.states[0].m),
+                        "{case}: m"
+                    );
+                    assert_eq!(
+                        bits(&fused.states[0].v),
+                        bits(&plain.states[0].v),
+                        "{case}: v"
+                    );
+                    assert_eq!(fused.states[0].steps, plain.states[0].steps, "{case}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_trained_unequally_often_are_left_to_the_candle_op_update() {
+        let dev = Device::Cpu;
+        let p = Var::from_tensor(&Tensor::ones((4, 3), DType::F32, &dev).unwrap()).unwrap();
+        let mut opt = MaskedAdamW::new(AdamWConfig::default(), &[(&p, 0)]).unwrap();
+        let grad = Tensor::ones((4, 3), DType::F32, &dev).unwrap();
+        let c = opt.config;
+        assert!(update(c, &mut opt.states[0], &p, &grad, 1..2, 0.1, DType::F32, 1.0).unwrap());
+        let before = bits(p.as_tensor());
+        // Rank 1 has one step, rank 0 none: the bias corrections differ per row.
+        let applied = update(c, &mut opt.states[0], &p, &grad, 0..2, 0.1, DType::F32, 1.0);
+        assert!(!applied.unwrap());
+        assert_eq!(bits(p.as_tensor()), before, "nothing changed");
+        assert_eq!(opt.states[0].steps, vec![0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn the_slice_indexes_rows_of_a_and_columns_of_b() {
+        let a = RankSlice {
+            rows: 4,
+            cols: 3,
+            rank_dim: 0,
+            start: 1,
+            len: 2,
+        };
+        let got: Vec<usize> = (0..a.values()).map(|i| a.index(i)).collect();
+        assert_eq!(got, vec![3, 4, 5, 6, 7, 8]);
+        let b = RankSlice {
+            rows: 3,
+            cols: 4,
+            rank_dim: 1,
+            start: 2,
+            len: 1,
+        };
+        let got: Vec<usize> = (0..b.values()).map(|i| b.index(i)).collect();
+        assert_eq!(got, vec![2, 6, 10]);
+    }
+}
