@@ -267,7 +267,10 @@ fn event_tracking(device: &Device, keep: bool) -> Result<Option<bool>> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => {
-            crate::gpu::device::set_event_tracking(cuda, keep);
+            // Gpu::open switched it off; only turning it back on is left to do.
+            if keep {
+                crate::gpu::device::set_event_tracking(cuda, true);
+            }
             Ok(Some(keep))
         }
         _ if keep => bail!("--cudarc-event-tracking is for --device cuda"),

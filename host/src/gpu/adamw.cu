@@ -3,7 +3,7 @@
 // [rows, cols] f32 matrix. Compiled at run time by NVRTC (see adamw.rs).
 //
 // Why a kernel: train/optim.rs's update is ~20 candle ops per matrix plus three slice
-// assignments of ~8 ops each, ~45 launches, over 224 matrices at the LLaMA-7B shape: ~10,000
+// assignments of ~12 ops each, ~55 launches, over 224 matrices at the LLaMA-7B shape: ~12,000
 // launches of microseconds each after the backward, where the GPU waits on the CPU to issue
 // them. Here it is three launches per matrix (the two moments, then the parameter).
 //

@@ -2,9 +2,9 @@
 //! first moment, the second, then the parameter), each touching only the rank indices being
 //! trained. `--unfuse adamw` runs the candle-op update instead.
 //!
-//! Why: the candle-op update is ~20 ops per matrix and three `slice_assign`s of ~8 ops each
-//! (ones, zero padding, concatenation, `where_cond` over the whole matrix). At the LLaMA-7B
-//! shape (224 matrices) that is ~10,000 launches after every backward, each microseconds of
+//! Why: the candle-op update is ~20 ops per matrix and three `slice_assign`s of ~12 ops each
+//! (ones, zero padding, concatenation, `where_cond` over the whole matrix): ~55 launches. At the
+//! LLaMA-7B shape (224 matrices) that is ~12,000 launches after every backward, each microseconds of
 //! GPU work, so the GPU waits on the CPU to issue them; fused it is 672.
 //!
 //! Same numbers: every f32 operation is the one candle's ops perform, in the same order
@@ -133,7 +133,7 @@ pub fn update(
     grad_scale: f64,
 ) -> candle_core::Result<bool> {
     let p = param.as_tensor();
-    let all_f32 = [p, grad, &state.m, &state.v]
+    let same_f32_matrices = [p, grad, &state.m, &state.v]
         .iter()
         .all(|t| t.dtype() == DType::F32 && t.dims() == p.dims() && t.is_contiguous());
     let counts = &state.steps[ranks.clone()];
@@ -143,7 +143,7 @@ pub fn update(
         DType::BF16 => true,
         _ => return Ok(false),
     };
-    if ranks.is_empty() || p.rank() != 2 || !all_f32 || !uniform {
+    if ranks.is_empty() || p.rank() != 2 || !same_f32_matrices || !uniform {
         return Ok(false);
     }
     for k in ranks.clone() {

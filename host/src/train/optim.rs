@@ -207,11 +207,17 @@ fn slice_ranges(dims: &[usize], d: usize, ranks: Range<usize>) -> Vec<Range<usiz
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
     let norm = grad_norm(grads)?;
     if let Some(scale) = clip_factor(norm, max_norm) {
-        for g in grads.iter_mut() {
-            *g = (&*g * scale)?;
-        }
+        scale_grads(grads, scale)?;
     }
     Ok(norm)
+}
+
+/// Multiplies every gradient by `scale` (the clipping factor).
+pub fn scale_grads(grads: &mut [Tensor], scale: f64) -> candle_core::Result<()> {
+    for g in grads.iter_mut() {
+        *g = (&*g * scale)?;
+    }
+    Ok(())
 }
 
 /// The global L2 norm of f32 `grads`. The per-gradient sums of squares are read back together,

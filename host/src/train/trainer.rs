@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{Batch, DataCursor, Dataset, Example};
 use super::eval::{eval_loss, masked_cross_entropy};
-use super::optim::{AdamWConfig, MaskedAdamW, Schedule, clip_factor, grad_norm};
+use super::optim::{AdamWConfig, MaskedAdamW, Schedule, clip_factor, grad_norm, scale_grads};
 use super::recompute;
 use crate::model::llama::Llama;
 use crate::model::lora::{Adapter, AdapterCall, Dropout, LoraModule, ModuleKey, RankGrad};
@@ -328,9 +328,7 @@ impl<'m> Trainer<'m> {
                 .step_fused(&vars, &grads, rows, lr, round_to, clip)?;
         } else {
             if let Some(scale) = clip {
-                for g in grads.iter_mut() {
-                    *g = (&*g * scale)?;
-                }
+                scale_grads(&mut grads, scale)?;
             }
             self.optim.step(&vars, &grads, rows, lr, round_to)?;
         }

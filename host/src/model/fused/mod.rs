@@ -53,7 +53,7 @@ pub struct Fusions {
     /// GPU) instead of a separate sum. No effect without `layer_backward`.
     pub lora_add: bool,
     /// The optimizer's masked AdamW as three in-place ops per adapter matrix on the trained
-    /// ranks ([`crate::train::adamw_fused`]) instead of ~45 candle ops. The same values.
+    /// ranks ([`crate::train::adamw_fused`]) instead of ~55 candle ops. The same values.
     pub adamw: bool,
 }
 
