@@ -14,6 +14,8 @@
 #                                      (+ PEFT adapter) against transformers' within bf16
 #                                      tolerance, and a short training run against the CPU's
 #
+# QDYLORA_BIN may be the xz-compressed binary bench/pack-gpu.sh makes (.gpu/qdylora-cuda.xz).
+#
 # Environment:
 #   BNB_WHEEL_DIR  folder holding the bitsandbytes 0.50.2 wheel (needed when `import
 #                  bitsandbytes` fails; bench/README.md says how to fetch it)
@@ -50,17 +52,37 @@ case "$mode" in
 dequant | train | check) ;;
 *) usage ;;
 esac
+PYTHON=${PYTHON:-python3}
+# bench/pack-gpu.sh ships the binary xz-compressed; unpack it once, beside nothing of the repo's.
+if [[ "$bin" == *.xz && -f "$bin" ]]; then
+    unpacked=$(mktemp -d /tmp/qdylora-bin.XXXXXX)/qdylora-cuda
+    "$PYTHON" -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$bin" "$unpacked"
+    chmod +x "$unpacked"
+    bin=$unpacked
+fi
 [[ -n "$bin" && -x "$bin" ]] || {
     echo "bench/gpu.sh $mode: give the path of a qdylora binary built by bench/build-cuda.sh" >&2
     exit 2
 }
 
-PYTHON=${PYTHON:-python3}
-# The binary links the driver (libcuda.so.1) and CUDA 13's cuBLAS, cuRAND and NVRTC.
+# The binary links the driver (libcuda.so.1) and CUDA 13's cuBLAS, cuRAND, NVRTC and runtime:
+# from the toolkit in /usr/local/cuda, else from the nvidia-* wheels torch was installed with.
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1' &&
     ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/local/cuda/lib64/libcuda.so.1 >/dev/null 2>&1; then
     echo "bench/gpu.sh: no NVIDIA driver here (libcuda.so.1 not found); this needs a GPU machine" >&2
+    exit 2
+fi
+if ldd "$bin" | grep -q 'not found'; then
+    wheels=$("$PYTHON" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' \
+        2>/dev/null || true)
+    [[ -n "$wheels" ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$wheels"
+fi
+if ldd "$bin" | grep 'not found' >&2; then
+    echo "bench/gpu.sh: the CUDA 13 libraries above are missing (looked in /usr/local/cuda/lib64" \
+        "and ${wheels:-the nvidia wheels}); put their folder on LD_LIBRARY_PATH" >&2
     exit 2
 fi
 
@@ -82,7 +104,7 @@ need_bitsandbytes() {
 if [[ "$mode" == train ]]; then
     BATCH=${BATCH:-4} SEQ=${SEQ:-1024} LAYERS=${LAYERS:-32} STEPS=${STEPS:-6}
     WARMUP_STEPS=${WARMUP_STEPS:-2} R_MAX=${R_MAX:-64}
-    ours_json=null peer_json=null unfused_json='[]'
+    ours_json=null peer_json=null unfused_json='[]' failed=()
     if [[ -z "${PEER_ONLY:-}" ]]; then
         ours=("$bin" train-bench --device cuda --shape llama7b --layers "$LAYERS" --batch "$BATCH"
             --seq "$SEQ" --r-max "$R_MAX" --alpha 16 --warmup "$WARMUP_STEPS" --steps "$STEPS")
@@ -96,8 +118,14 @@ if [[ "$mode" == train ]]; then
         done
         [[ -n "${SKIP_EVENT_TRACKING:-}" ]] || befores+=("--cudarc-event-tracking")
         for before in "${befores[@]}"; do
+            # One failing "before" must not cost the rows after it, nor the peer: a lent GPU
+            # machine's time is short. It is reported, and the script's status says so.
             # shellcheck disable=SC2086 # "--unfuse name" is two words on purpose
-            one=$("${ours[@]}" --json $before)
+            if ! one=$("${ours[@]}" --json $before); then
+                echo "qdylora $before: FAILED (its error is above)" >&2
+                failed+=("$before")
+                continue
+            fi
             echo "qdylora $before: $one"
             unfused_json=$(UNFUSED="$unfused_json" ONE="$one" BEFORE="$before" "$PYTHON" -c '
 import json, os
@@ -145,6 +173,10 @@ if ours and peer:
     print(f"throughput ratio qdylora / peer: {ours['tokens_per_s'] / q['tokens_per_s']:.2f}x "
           f"(target >= 2.0x); memory ratio: {ours['peak_gib'] / q['peak_GiB']:.2f}x (target <= 1.0x)")
 PY
+    if ((${#failed[@]})); then
+        echo "bench/gpu.sh train: these runs of ours failed: ${failed[*]}" >&2
+        exit 1
+    fi
     exit 0
 fi
 
