@@ -29,6 +29,11 @@ else
     }
 fi
 
+step "shell scripts parse (bench/ runs only on a GPU machine: a typo there costs a GPU session)"
+for script in scripts/*.sh bench/*.sh; do
+    bash -n "$script"
+done
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -448,6 +448,30 @@ fn train_bench_reports_throughput_and_recomputation_keeps_the_loss() {
     assert_eq!(checked["losses"], checked["cpu_losses"]);
     assert_eq!(checked["losses"].as_array().unwrap().len(), 3);
 
+    // One more step is measured phase by phase: the recomputing trainer's phases in order,
+    // and the plain one's forward and backward as one.
+    let phase_names = |report: &serde_json::Value| -> Vec<String> {
+        let phases = report["phases"].as_array().expect("a list of phases");
+        for p in phases {
+            let s = p["seconds"].as_f64().unwrap();
+            assert!(s.is_finite() && s >= 0.0, "{p}");
+        }
+        phases
+            .iter()
+            .map(|p| p["phase"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let recomputing = [
+        "forward",
+        "head and loss",
+        "layers backward",
+        "gradient norm",
+        "optimizer",
+    ];
+    assert_eq!(phase_names(&with)[..5], recomputing);
+    let plain = ["forward and backward", "gradient norm", "optimizer"];
+    assert_eq!(phase_names(&without)[..3], plain);
+
     let o = qdylora(&["train-bench", "--layers", "3"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--layers must be 1..=2"));

@@ -18,6 +18,7 @@ use crate::model::llama::Llama;
 use crate::model::place::{BF16_LOSS_TOLERANCE, place, random_nf4_llama};
 use crate::train::data::{Dataset, Example};
 use crate::train::optim::{AdamWConfig, Schedule, ScheduleKind};
+use crate::train::phases::{self, PhaseTime};
 use crate::train::trainer::{AdapterDtype, RankMode, TrainConfig, Trainer};
 
 /// Model shapes.
@@ -206,6 +207,10 @@ pub struct BenchReport {
     pub memory_counter: Option<&'static str>,
     /// Seconds to build the random model.
     pub build_s: f64,
+    /// The rank of the step measured phase by phase, after the timed ones.
+    pub phase_step_rank: usize,
+    /// That step's wall time per phase, waiting for the device at each (`train::phases`).
+    pub phases: Vec<PhaseTime>,
 }
 
 /// Runs the command.
@@ -238,6 +243,16 @@ pub fn run(args: &Args) -> Result<()> {
                 report.losses
             );
         }
+        let phases: Vec<String> = report
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.1} ms", p.phase, p.seconds * 1e3))
+            .collect();
+        println!(
+            "one more step (rank {}), waiting for the device at each phase: {}",
+            report.phase_step_rank,
+            phases.join(", ")
+        );
         if let Some(on) = report.event_tracking {
             println!("cudarc event tracking {}", if on { "on" } else { "off" });
         }
@@ -330,6 +345,9 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
     device.synchronize()?;
     let seconds = timed.elapsed().as_secs_f64();
     let peak = peak_bytes(&device)?;
+    // One more step, untimed above, waiting for the device at each phase: where a step's
+    // time goes. Its loss is not among `losses` (the CPU check compares those).
+    let (phase_step, phases) = phases::measure(&device, || trainer.train_step(&data))?;
 
     let cpu_losses = host
         .map(|host| cpu_reference_losses(&host, train_config, &data, losses.len()))
@@ -371,6 +389,8 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         peak_gib: peak.map(|(b, _)| b as f64 / GIB),
         memory_counter: peak.map(|(_, counter)| counter),
         build_s,
+        phase_step_rank: phase_step.rank,
+        phases,
     })
 }
 

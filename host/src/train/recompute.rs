@@ -16,6 +16,7 @@ use candle_core::{Tensor, TensorId, Var};
 
 use super::data::Batch;
 use super::eval::masked_cross_entropy;
+use super::phases;
 use crate::model::backward::ModuleGrads;
 use crate::model::llama::Llama;
 use crate::model::lora::{AdapterCall, Dropout, ModuleKey};
@@ -58,6 +59,7 @@ pub fn loss_and_grads(
         inputs.push(x);
         x = out.detach();
     }
+    phases::mark("forward")?;
 
     // Head and loss, with the last hidden state as a variable to get its gradient.
     let last = Var::from_tensor(&x)?;
@@ -69,6 +71,7 @@ pub fn loss_and_grads(
         .context("the loss does not depend on the last hidden state")?
         .clone();
     drop((store, logits));
+    phases::mark("head and loss")?;
 
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     for (layer, input) in inputs.into_iter().enumerate().rev() {
@@ -94,6 +97,7 @@ pub fn loss_and_grads(
             .with_context(|| format!("layer {layer}'s output does not depend on its input"))?
             .clone();
     }
+    phases::mark("layers backward")?;
     Ok(MicroBatchGrads { loss_sum, grads })
 }
 

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{Batch, DataCursor, Dataset, Example};
 use super::eval::{eval_loss, masked_cross_entropy};
 use super::optim::{AdamWConfig, MaskedAdamW, Schedule, clip_factor, grad_norm, scale_grads};
+use super::phases;
 use super::recompute;
 use crate::model::llama::Llama;
 use crate::model::lora::{Adapter, AdapterCall, Dropout, LoraModule, ModuleKey, RankGrad};
@@ -290,6 +291,7 @@ impl<'m> Trainer<'m> {
                 let (mean, sum) = masked_cross_entropy(&logits, batch, self.model)?;
                 let store = (mean * weight)?.backward()?;
                 let grads = vars.iter().map(|v| store.get(v.as_tensor()).cloned());
+                phases::mark("forward and backward")?;
                 (sum, grads.collect())
             };
             if !sum.is_finite() {
@@ -313,6 +315,7 @@ impl<'m> Trainer<'m> {
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
         let grad_norm = grad_norm(&grads)?;
+        phases::mark("gradient norm")?;
         if !grad_norm.is_finite() {
             bail!(
                 "the gradient became non-finite at step {} (rank {rank}); stopping. The last good \
@@ -332,6 +335,7 @@ impl<'m> Trainer<'m> {
             }
             self.optim.step(&vars, &grads, rows, lr, round_to)?;
         }
+        phases::mark("optimizer")?;
         self.step += 1;
         Ok(StepReport {
             step: self.step,
