@@ -56,7 +56,7 @@ PYTHON=${PYTHON:-python3}
 # bench/pack-gpu.sh ships the binary xz-compressed; unpack it once, beside nothing of the repo's.
 if [[ "$bin" == *.xz && -f "$bin" ]]; then
     unpacked=$(mktemp -d /tmp/qdylora-bin.XXXXXX)/qdylora-cuda
-    "$PYTHON" -c 'import lzma, shutil, sys
+    xz -dc "$bin" >"$unpacked" 2>/dev/null || "$PYTHON" -c 'import lzma, shutil, sys
 with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)' "$bin" "$unpacked"
     chmod +x "$unpacked"
