@@ -56,6 +56,7 @@ PYTHON=${PYTHON:-python3}
 # bench/pack-gpu.sh ships the binary xz-compressed; unpack it once, beside nothing of the repo's.
 if [[ "$bin" == *.xz && -f "$bin" ]]; then
     unpacked=$(mktemp -d /tmp/qdylora-bin.XXXXXX)/qdylora-cuda
+    trap 'rm -rf "${unpacked%/*}"' EXIT
     xz -dc "$bin" >"$unpacked" 2>/dev/null || "$PYTHON" -c 'import lzma, shutil, sys
 with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)' "$bin" "$unpacked"
@@ -67,20 +68,29 @@ fi
     exit 2
 }
 
-# The binary links the driver (libcuda.so.1) and CUDA 13's cuBLAS, cuRAND, NVRTC and runtime:
-# from the toolkit in /usr/local/cuda, else from the nvidia-* wheels torch was installed with.
+# The binary links the driver (libcuda.so.1: from the system, or /usr/local/nvidia where some
+# machines mount it) and CUDA 13's cuBLAS, cuRAND, NVRTC and runtime: from the toolkit in
+# /usr/local/cuda, else from the nvidia-* wheels torch was installed with.
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1' &&
-    ! ls /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/local/cuda/lib64/libcuda.so.1 >/dev/null 2>&1; then
+if [[ -d /usr/local/nvidia/lib64 ]]; then
+    LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/nvidia/lib64"
+fi
+# (not `grep -q`: it would close the pipe early, and pipefail would turn ldd's SIGPIPE into "none")
+missing_libraries() { ldd "$bin" | grep 'not found' || true; }
+if [[ -n "$(missing_libraries)" ]]; then
+    wheels=$("$PYTHON" -c 'import nvidia, os
+print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null || true)
+    if [[ -n "$wheels" ]]; then
+        LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$wheels"
+    fi
+fi
+missing=$(missing_libraries)
+if [[ "$missing" == *libcuda.so.1* ]]; then
     echo "bench/gpu.sh: no NVIDIA driver here (libcuda.so.1 not found); this needs a GPU machine" >&2
     exit 2
 fi
-if ldd "$bin" | grep -q 'not found'; then
-    wheels=$("$PYTHON" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' \
-        2>/dev/null || true)
-    [[ -n "$wheels" ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$wheels"
-fi
-if ldd "$bin" | grep 'not found' >&2; then
+if [[ -n "$missing" ]]; then
+    echo "$missing" >&2
     echo "bench/gpu.sh: the CUDA 13 libraries above are missing (looked in /usr/local/cuda/lib64" \
         "and ${wheels:-the nvidia wheels}); put their folder on LD_LIBRARY_PATH" >&2
     exit 2
@@ -148,7 +158,13 @@ print(json.dumps(runs))')
     if [[ -z "${OURS_ONLY:-}" ]]; then
         need_bitsandbytes
         # The peer prints `RESULT {json}` last; it also runs a bf16-base LoRA and its dequant.
-        peer_json=$("$PYTHON" "$here/peer_qlora.py" | tee /dev/stderr | sed -n 's/^RESULT //p')
+        # A failing peer still leaves ours' rows printed below.
+        if ! peer_json=$("$PYTHON" "$here/peer_qlora.py" | tee /dev/stderr |
+            sed -n 's/^RESULT //p'); then
+            echo "the peer (bench/peer_qlora.py) FAILED (its error is above)" >&2
+            failed+=("the peer")
+            peer_json=
+        fi
     fi
     OURS_JSON=$ours_json PEER_JSON=$peer_json UNFUSED_JSON=$unfused_json "$PYTHON" - <<'PY'
 import json, os
@@ -187,7 +203,7 @@ if names:
         print(f"| {label} | " + " | ".join(ms.get(n, "") for n in names) + " |")
 PY
     if ((${#failed[@]})); then
-        echo "bench/gpu.sh train: these runs of ours failed: ${failed[*]}" >&2
+        echo "bench/gpu.sh train: these runs failed: ${failed[*]}" >&2
         exit 1
     fi
     exit 0

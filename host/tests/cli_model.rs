@@ -465,12 +465,19 @@ fn train_bench_reports_throughput_and_recomputation_keeps_the_loss() {
         "forward",
         "head and loss",
         "layers backward",
+        "gradient accumulation",
         "gradient norm",
         "optimizer",
     ];
-    assert_eq!(phase_names(&with)[..5], recomputing);
-    let plain = ["forward and backward", "gradient norm", "optimizer"];
-    assert_eq!(phase_names(&without)[..3], plain);
+    assert_eq!(phase_names(&with)[..6], recomputing);
+    let plain = [
+        "forward and backward",
+        "gradient accumulation",
+        "gradient norm",
+        "optimizer",
+    ];
+    assert_eq!(phase_names(&without)[..4], plain);
+    assert!(with["phase_step_rank"].as_u64().is_some());
 
     let o = qdylora(&["train-bench", "--layers", "3"]);
     assert!(!o.status.success());

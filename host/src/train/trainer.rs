@@ -308,6 +308,7 @@ impl<'m> Trainer<'m> {
                     recompute::accumulate(g, new)?;
                 }
             }
+            phases::mark("gradient accumulation")?;
         }
         let mut grads: Vec<Tensor> = grads
             .into_iter()
