@@ -188,18 +188,22 @@ if ours and peer:
     q = peer["qlora_7b_b4_s1024"]
     print(f"throughput ratio qdylora / peer: {ours['tokens_per_s'] / q['tokens_per_s']:.2f}x "
           f"(target >= 2.0x); memory ratio: {ours['peak_gib'] / q['peak_GiB']:.2f}x (target <= 1.0x)")
-# Where ours spends a step: one more step after the timed ones, waiting for the GPU at each
-# phase (train::phases), so the phases add up to a little more than a timed step.
+# Where ours spends a step: one more step after the timed ones waiting for the GPU at each
+# phase, and one waiting around each kind of work inside the layers (host/src/phases.rs);
+# the waits make those steps slower than a timed one.
 runs = ([("default", ours)] if ours else []) + [
     (run["before"], run) for run in json.loads(os.environ["UNFUSED_JSON"])]
-names = []
-for _, run in runs:
-    names += [p["phase"] for p in run.get("phases", []) if p["phase"] not in names]
-if names:
-    print("\n| qdylora run (ms per phase, one step) | " + " | ".join(names) + " |")
+for key, title in (("phases", "ms per phase, one step"),
+                   ("detail", "ms per kind of work, one more step")):
+    names = []
+    for _, run in runs:
+        names += [p["phase"] for p in run.get(key, []) if p["phase"] not in names]
+    if not names:
+        continue
+    print(f"\n| qdylora run ({title}) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for label, run in runs:
-        ms = {p["phase"]: f"{p['seconds'] * 1e3:,.1f}" for p in run.get("phases", [])}
+        ms = {p["phase"]: f"{p['seconds'] * 1e3:,.1f}" for p in run.get(key, [])}
         print(f"| {label} | " + " | ".join(ms.get(n, "") for n in names) + " |")
 PY
     if ((${#failed[@]})); then

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod gpu;
 pub mod kernels;
 pub mod model;
+pub mod phases;
 pub mod plot;
 pub mod sweep;
 pub mod train;

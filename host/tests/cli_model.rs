@@ -479,6 +479,40 @@ fn train_bench_reports_throughput_and_recomputation_keeps_the_loss() {
     assert_eq!(phase_names(&without)[..4], plain);
     assert!(with["phase_step_rank"].as_u64().is_some());
 
+    // And one more inside the layers: the written-out layers' categories (in any order), the
+    // rest last; autograd's layers run only the NF4 linears among them.
+    let detail = |report: &serde_json::Value| -> Vec<String> {
+        let names: Vec<String> = report["detail"]
+            .as_array()
+            .expect("a list of categories")
+            .iter()
+            .map(|p| p["phase"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some("the rest of the forward and backward passes")
+        );
+        names
+    };
+    let mut categories = detail(&with);
+    categories.sort();
+    assert_eq!(
+        categories,
+        [
+            "LoRA path",
+            "NF4 linears (CPU: dequantization in the product)",
+            "attention core (QKᵀ, softmax, PV)",
+            "the rest of the forward and backward passes",
+        ]
+    );
+    assert_eq!(
+        detail(&without),
+        [
+            "NF4 linears (CPU: dequantization in the product)",
+            "the rest of the forward and backward passes",
+        ]
+    );
+
     let o = qdylora(&["train-bench", "--layers", "3"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--layers must be 1..=2"));

@@ -16,9 +16,9 @@ use super::device::{DeviceArg, describe, open, peak_bytes};
 use crate::model::fused::Fusions;
 use crate::model::llama::Llama;
 use crate::model::place::{BF16_LOSS_TOLERANCE, place, random_nf4_llama};
+use crate::phases::{self, Breakdown, PhaseTime};
 use crate::train::data::{Dataset, Example};
 use crate::train::optim::{AdamWConfig, Schedule, ScheduleKind};
-use crate::train::phases::{self, PhaseTime};
 use crate::train::trainer::{AdapterDtype, RankMode, TrainConfig, Trainer};
 
 /// Model shapes.
@@ -210,8 +210,13 @@ pub struct BenchReport {
     /// The rank of the step measured phase by phase, after the timed ones (`None` if it
     /// failed; the timed figures stand).
     pub phase_step_rank: Option<usize>,
-    /// That step's wall time per phase, waiting for the device at each (`train::phases`).
+    /// That step's wall time per phase, waiting for the device at each (`phases`).
     pub phases: Vec<PhaseTime>,
+    /// The rank of the step after it, measured inside the layers too.
+    pub detail_step_rank: Option<usize>,
+    /// That step's time per category of work inside the layers (NF4 dequantization, base
+    /// GEMMs, LoRA path, attention core), then the rest of its forward and backward passes.
+    pub detail: Vec<PhaseTime>,
 }
 
 /// Runs the command.
@@ -244,15 +249,23 @@ pub fn run(args: &Args) -> Result<()> {
                 report.losses
             );
         }
-        if let Some(rank) = report.phase_step_rank {
-            let phases: Vec<String> = report
-                .phases
+        let list = |times: &[PhaseTime]| -> String {
+            let items: Vec<String> = times
                 .iter()
                 .map(|p| format!("{} {:.1} ms", p.phase, p.seconds * 1e3))
                 .collect();
+            items.join(", ")
+        };
+        if let Some(rank) = report.phase_step_rank {
             println!(
                 "one more step (rank {rank}), waiting for the device at each phase: {}",
-                phases.join(", ")
+                list(&report.phases)
+            );
+        }
+        if let Some(rank) = report.detail_step_rank {
+            println!(
+                "and one (rank {rank}) waiting around each kind of work: {}",
+                list(&report.detail)
             );
         }
         if let Some(on) = report.event_tracking {
@@ -347,16 +360,19 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
     device.synchronize()?;
     let seconds = timed.elapsed().as_secs_f64();
     let peak = peak_bytes(&device)?;
-    // One more step, untimed above, waiting for the device at each phase: where a step's
-    // time goes. Its loss is not among `losses` (the CPU check compares those).
-    // A failure there must not cost the figures above.
-    let (phase_step_rank, phases) = match phases::measure(&device, || trainer.train_step(&data)) {
-        Ok((step, phases)) => (Some(step.rank), phases),
-        Err(e) => {
-            eprintln!("warning: the step measured phase by phase failed: {e:#}");
-            (None, Vec::new())
-        }
-    };
+    // Two more steps, untimed above: one waiting for the device at each phase of the step,
+    // one also around each category of work inside the layers (`phases`). Their losses are not
+    // among `losses` (the CPU check compares those), and a failure costs only their breakdown.
+    let mut breakdown =
+        |detailed: bool| match phases::measure(&device, detailed, || trainer.train_step(&data)) {
+            Ok((step, found)) => Some((step.rank, found)),
+            Err(e) => {
+                eprintln!("warning: the step measured phase by phase failed: {e:#}");
+                None
+            }
+        };
+    let phases = breakdown(false);
+    let detail = breakdown(true).map(|(rank, found)| (rank, within_layers(&found)));
 
     let cpu_losses = host
         .map(|host| cpu_reference_losses(&host, train_config, &data, losses.len()))
@@ -398,9 +414,30 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         peak_gib: peak.map(|(b, _)| b as f64 / GIB),
         memory_counter: peak.map(|(_, counter)| counter),
         build_s,
-        phase_step_rank,
-        phases,
+        phase_step_rank: phases.as_ref().map(|(rank, _)| *rank),
+        phases: phases.map(|(_, found)| found.phases).unwrap_or_default(),
+        detail_step_rank: detail.as_ref().map(|(rank, _)| *rank),
+        detail: detail.map(|(_, detail)| detail).unwrap_or_default(),
     })
+}
+
+/// The categories a detailed step found inside its layers, and the rest of its forward and
+/// backward passes (norms, RoPE, SwiGLU, sums, copies; and the LM head where autograd runs it
+/// with the layers) as one more entry.
+fn within_layers(found: &Breakdown) -> Vec<PhaseTime> {
+    let passes: f64 = found
+        .phases
+        .iter()
+        .filter(|p| ["forward", "layers backward", "forward and backward"].contains(&p.phase))
+        .map(|p| p.seconds)
+        .sum();
+    let inside: f64 = found.within.iter().map(|p| p.seconds).sum();
+    let mut detail = found.within.clone();
+    detail.push(PhaseTime {
+        phase: "the rest of the forward and backward passes",
+        seconds: (passes - inside).max(0.0),
+    });
+    detail
 }
 
 fn cpu_reference_losses(

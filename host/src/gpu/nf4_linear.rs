@@ -14,6 +14,7 @@ use half::bf16;
 
 use super::dequant::{self, DequantElement};
 pub use super::weight::CudaNf4Weight;
+use crate::phases;
 
 /// `x [m, in] -> x Wᵀ [m, out]` for `x` on `w`'s CUDA device, f32 or bf16 (the result has
 /// `x`'s dtype). Differentiable with respect to `x` only: `W` is frozen.
@@ -92,18 +93,20 @@ fn times_weight(
         // Nothing to multiply: skip the dequantization and a zero-sized cuBLAS call.
         return Ok((dev.zeros_impl(&out_shape, lhs.dtype())?, out_shape));
     }
-    let scratch = match lhs.dtype() {
-        DType::F32 => dequantized::<f32>(dev, w)?,
-        DType::BF16 => dequantized::<bf16>(dev, w)?,
+    let scratch = phases::within("NF4 dequantization", || match lhs.dtype() {
+        DType::F32 => dequantized::<f32>(dev, w),
+        DType::BF16 => dequantized::<bf16>(dev, w),
         other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
-    };
+    })?;
     // candle's matmul runs cuBLAS on its stream, after the dequantization in stream order.
-    let out = lhs.matmul(
-        &scratch,
-        (1, m, n, inner),
-        lhs_layout,
-        &product.weight_layout(rows, cols),
-    )?;
+    let out = phases::within("base GEMMs", || {
+        lhs.matmul(
+            &scratch,
+            (1, m, n, inner),
+            lhs_layout,
+            &product.weight_layout(rows, cols),
+        )
+    })?;
     drop(scratch);
     Ok((out, out_shape))
 }

@@ -13,6 +13,10 @@ use qdylora_formats::Nf4Weight;
 
 use crate::kernels;
 use crate::model::matmul::broadcast_matmul;
+use crate::phases;
+
+/// The CPU NF4 kernels dequantize inside the product: one category for both.
+const CPU_NF4: &str = "NF4 linears (CPU: dequantization in the product)";
 
 /// A base-model `y = x Wᵀ` with `W: [out, in]`.
 #[derive(Debug, Clone)]
@@ -61,10 +65,14 @@ impl BaseLinear {
     /// `x: [..., in] -> [..., out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Nf4(w) => on_rows(x, w.cols, w.rows, |x2| {
-                x2.apply_op1(Nf4LinearOp { weight: w.clone() })
+            Self::Nf4(w) => phases::within(CPU_NF4, || {
+                on_rows(x, w.cols, w.rows, |x2| {
+                    x2.apply_op1(Nf4LinearOp { weight: w.clone() })
+                })
             }),
-            Self::Dense { weight_t } => broadcast_matmul(x, weight_t),
+            Self::Dense { weight_t } => {
+                phases::within("base GEMMs", || broadcast_matmul(x, weight_t))
+            }
             #[cfg(feature = "cuda")]
             Self::Nf4Cuda(w) => on_rows(x, w.cols(), w.rows(), |x2| {
                 crate::gpu::nf4_linear::linear_forward(x2, w)
@@ -76,8 +84,12 @@ impl BaseLinear {
     /// (the weight is frozen: no weight gradient). Records no autograd graph.
     pub fn input_grad(&self, grad: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Nf4(w) => on_rows(grad, w.rows, w.cols, |g| nf4_input_grad(g, w)),
-            Self::Dense { weight_t } => broadcast_matmul(grad, &weight_t.detach().t()?),
+            Self::Nf4(w) => phases::within(CPU_NF4, || {
+                on_rows(grad, w.rows, w.cols, |g| nf4_input_grad(g, w))
+            }),
+            Self::Dense { weight_t } => phases::within("base GEMMs", || {
+                broadcast_matmul(grad, &weight_t.detach().t()?)
+            }),
             #[cfg(feature = "cuda")]
             Self::Nf4Cuda(w) => on_rows(grad, w.rows(), w.cols(), |g| {
                 crate::gpu::nf4_linear::linear_input_grad(g, w)

@@ -3,7 +3,6 @@ pub mod adamw_fused;
 pub mod data;
 pub mod eval;
 pub mod optim;
-pub mod phases;
 pub mod recompute;
 pub mod run;
 pub mod trainer;

@@ -16,10 +16,10 @@ use candle_core::{Tensor, TensorId, Var};
 
 use super::data::Batch;
 use super::eval::masked_cross_entropy;
-use super::phases;
 use crate::model::backward::ModuleGrads;
 use crate::model::llama::Llama;
 use crate::model::lora::{AdapterCall, Dropout, ModuleKey};
+use crate::phases;
 
 /// The summed loss of one micro-batch, and the gradient of `weight * mean loss` for each of
 /// `vars` (`None` where a variable took no part).

@@ -24,10 +24,10 @@ use serde::{Deserialize, Serialize};
 use super::data::{Batch, DataCursor, Dataset, Example};
 use super::eval::{eval_loss, masked_cross_entropy};
 use super::optim::{AdamWConfig, MaskedAdamW, Schedule, clip_factor, grad_norm, scale_grads};
-use super::phases;
 use super::recompute;
 use crate::model::llama::Llama;
 use crate::model::lora::{Adapter, AdapterCall, Dropout, LoraModule, ModuleKey, RankGrad};
+use crate::phases;
 
 /// How ranks are trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

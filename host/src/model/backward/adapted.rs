@@ -10,6 +10,10 @@ use crate::model::fused::add_product::add_product;
 use crate::model::linear::BaseLinear;
 use crate::model::lora::{AdapterCall, ModuleKey};
 use crate::model::matmul::matmul;
+use crate::phases;
+
+/// The [`phases::within`] category of the adapter's products, sums and gradients.
+const LORA: &str = "LoRA path";
 
 /// The gradients of one adapter module, shaped like its `A: [r_max, in]` and `B: [out, r_max]`
 /// and in their dtypes; zero outside the rank indices that learn.
@@ -68,35 +72,37 @@ pub(super) fn prepare<'a>(
             fused_add,
         });
     };
-    let x = x.reshape(((), module.in_features))?;
-    let mask = match call.dropout {
-        Some(dropout) => dropout.mask_for(&x)?,
-        None => None,
-    };
-    let input = match &mask {
-        Some(mask) => (&x * mask)?,
-        None => x,
-    };
-    let (r, dtype) = (call.rank, input.dtype());
-    // Detached: the gradients below are computed here, not by autograd.
-    let a = module.a.as_tensor().detach().narrow(0, 0, r)?;
-    let b = module.b.as_tensor().detach().narrow(1, 0, r)?;
-    let a = a.to_dtype(dtype)?.contiguous()?;
-    let b = b.to_dtype(dtype)?.contiguous()?;
-    let scale = call.adapter.scale(r);
-    let scaled = (matmul(&input, &a.t()?)? * scale)?;
-    let lora = LoraSaved {
-        key,
-        input,
-        mask,
-        scaled,
-        a,
-        b,
-        scale,
-        var_dtype: module.a.dtype(),
-        stored_rank: module.a.dim(0)?,
-        learning: call.grad.learning_rows(r),
-    };
+    let lora = phases::within(LORA, || {
+        let x = x.reshape(((), module.in_features))?;
+        let mask = match call.dropout {
+            Some(dropout) => dropout.mask_for(&x)?,
+            None => None,
+        };
+        let input = match &mask {
+            Some(mask) => (&x * mask)?,
+            None => x,
+        };
+        let (r, dtype) = (call.rank, input.dtype());
+        // Detached: the gradients below are computed here, not by autograd.
+        let a = module.a.as_tensor().detach().narrow(0, 0, r)?;
+        let b = module.b.as_tensor().detach().narrow(1, 0, r)?;
+        let a = a.to_dtype(dtype)?.contiguous()?;
+        let b = b.to_dtype(dtype)?.contiguous()?;
+        let scale = call.adapter.scale(r);
+        let scaled = (matmul(&input, &a.t()?)? * scale)?;
+        Ok(LoraSaved {
+            key,
+            input,
+            mask,
+            scaled,
+            a,
+            b,
+            scale,
+            var_dtype: module.a.dtype(),
+            stored_rank: module.a.dim(0)?,
+            learning: call.grad.learning_rows(r),
+        })
+    })?;
     Ok(Saved {
         base,
         lora: Some(lora),
@@ -115,7 +121,7 @@ pub(super) fn forward<'a>(
     let saved = prepare(base, key, x, call, fused_add)?;
     let y = base.forward(x)?;
     let y = match &saved.lora {
-        Some(lora) => saved.add_product(y, &lora.scaled, &lora.b.t()?)?,
+        Some(lora) => phases::within(LORA, || saved.add_product(y, &lora.scaled, &lora.b.t()?))?,
         None => y,
     };
     Ok((y, saved))
@@ -132,6 +138,17 @@ impl Saved<'_> {
         let Some(lora) = &self.lora else {
             return Ok((dx, None));
         };
+        phases::within(LORA, || self.lora_backward(lora, grad, dx))
+    }
+
+    /// The adapter's share of [`Saved::backward`]: its term of the input gradient `dx` (the
+    /// base's, added to) and its own gradients.
+    fn lora_backward(
+        &self,
+        lora: &LoraSaved,
+        grad: &Tensor,
+        dx: Tensor,
+    ) -> candle_core::Result<(Tensor, Option<ModuleGrads>)> {
         let dy = grad.reshape(((), self.base.out_features()))?;
         // Back through `scaled B_rᵀ`, then the scale, then `input A_rᵀ`, then the dropout.
         let d_product = (matmul(&dy, &lora.b)? * lora.scale)?;

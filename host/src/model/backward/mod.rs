@@ -26,6 +26,10 @@ use super::fused::swiglu::{swiglu, swiglu_backward};
 use super::llama::{Llama, Positions, repeat_kv};
 use super::lora::{AdapterCall, ModuleKey};
 use super::matmul::matmul;
+use crate::phases;
+
+/// The [`phases::within`] category of the attention's products and softmax, both directions.
+const ATTENTION: &str = "attention core (QKᵀ, softmax, PV)";
 
 /// The gradients of one decoder layer: of its input, and of each adapter module in it whose
 /// rows learn.
@@ -141,12 +145,15 @@ impl Llama {
         let q = rope(&split(q, shape.heads)?, cos, sin)?;
         let k = repeat_kv(&rope(&split(k, shape.kv_heads)?, cos, sin)?, shape.group())?;
         let v = repeat_kv(&split(v, shape.kv_heads)?, shape.group())?;
-        let scores = matmul(&q, &k.t()?)?;
-        let probs = causal_softmax(&scores, shape.softmax_scale())?;
-        let attn =
-            matmul(&probs, &v)?
-                .transpose(1, 2)?
-                .reshape((b, t, shape.heads * shape.head_dim))?;
+        let (scores, probs, attn) = phases::within(ATTENTION, || {
+            let scores = matmul(&q, &k.t()?)?;
+            let probs = causal_softmax(&scores, shape.softmax_scale())?;
+            let attn = matmul(&probs, &v)?;
+            Ok((scores, probs, attn))
+        })?;
+        let attn = attn
+            .transpose(1, 2)?
+            .reshape((b, t, shape.heads * shape.head_dim))?;
         let (out, o_saved) = linear(LinearKind::O, &attn)?;
         let tape = AttentionTape {
             q,
@@ -177,14 +184,16 @@ impl Llama {
             .reshape((b, t, shape.heads, shape.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let d_probs = matmul(&d_attn, &tape.v.t()?)?;
-        let d_v = matmul(&tape.probs.t()?, &d_attn)?;
-        drop((d_attn, tape.probs));
-        let d_scores = causal_softmax_backward(&tape.scores, &d_probs, shape.softmax_scale())?;
-        drop((d_probs, tape.scores));
-        let d_q = matmul(&d_scores, &tape.k)?;
-        let d_k = matmul(&d_scores.t()?, &tape.q)?;
-        drop(d_scores);
+        let (d_q, d_k, d_v) = phases::within(ATTENTION, || {
+            let d_probs = matmul(&d_attn, &tape.v.t()?)?;
+            let d_v = matmul(&tape.probs.t()?, &d_attn)?;
+            drop((d_attn, tape.probs));
+            let d_scores = causal_softmax_backward(&tape.scores, &d_probs, shape.softmax_scale())?;
+            drop((d_probs, tape.scores));
+            let d_q = matmul(&d_scores, &tape.k)?;
+            let d_k = matmul(&d_scores.t()?, &tape.q)?;
+            Ok((d_q, d_k, d_v))
+        })?;
         let (cos, sin) = positions.rope_tables();
         let merge = |d: Tensor, n: usize| d.transpose(1, 2)?.reshape((b, t, n * shape.head_dim));
         let d_q = merge(rope_backward(&d_q, cos, sin)?, shape.heads)?;
