@@ -34,6 +34,23 @@ for script in scripts/*.sh bench/*.sh; do
     bash -n "$script"
 done
 
+step "the Python inside bench/ scripts compiles (skipped without python3)"
+if command -v python3 >/dev/null; then
+    python3 - bench/*.sh <<'PY'
+import re, sys
+total = 0
+for path in sys.argv[1:]:
+    blocks = re.findall(r"<<'PY'\n(.*?)\nPY\n", open(path).read(), re.S)
+    for i, block in enumerate(blocks):
+        compile(block, f"{path}, Python block {i + 1}", "exec")
+    total += len(blocks)
+assert total, "no Python blocks found in bench/*.sh"
+print(f"{total} Python blocks compile")
+PY
+else
+    echo "python3 is not installed here: skipped"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
