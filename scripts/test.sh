@@ -2,8 +2,9 @@
 # Every test this project has that runs without a GPU, on a fresh Debian machine with rustup.
 # It installs what it needs first (the pinned toolchain and the thumb target; g++ for the CUDA
 # kernels' CPU emulation; the firmware step installs qemu-system-arm and defmt-print), then runs:
-# format check, clippy -D warnings, all host tests, the no_std build of the core for
-# thumbv7em-none-eabihf, and the firmware in QEMU.
+# a parse of every shell script and of the Python inside bench/'s, format check, clippy
+# -D warnings, all host tests, the no_std build of the core for thumbv7em-none-eabihf, and the
+# firmware in QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
