@@ -15,7 +15,7 @@ use super::fused::softmax::{causal_mask, causal_softmax, causal_softmax_unfused}
 use super::fused::swiglu::{swiglu, swiglu_unfused};
 use super::linear::BaseLinear;
 use super::lora::{AdapterCall, ModuleKey};
-use super::matmul::{broadcast_matmul, matmul};
+use super::matmul::{matmul, matmul_const_rhs};
 
 /// One decoder layer.
 #[derive(Debug)]
@@ -214,7 +214,7 @@ impl Llama {
     /// The head applied to hidden states `[..., hidden]`.
     pub fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        broadcast_matmul(h, &head.t()?)
+        matmul_const_rhs(h, &head.t()?)
     }
 
     fn attention(

@@ -11,7 +11,8 @@
 //! multiplies `grad · rhsᵀ` and `lhsᵀ · grad` with a contiguous `grad`, and the rules below
 //! accept a transposed matrix exactly when they accept the matrix, with the same batch strides.
 
-use candle_core::{Error, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 
 /// `lhs · rhs` (candle's `matmul`), refusing layouts candle's CUDA backend refuses.
 pub fn matmul(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
@@ -48,6 +49,80 @@ pub fn broadcast_matmul(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     };
     check(&l, &r)?;
     lhs.broadcast_matmul(rhs)
+}
+
+/// `lhs [.., k] · rhs [k, n]` for an `rhs` autograd does not track (a frozen weight, such as
+/// the LM head in fine-tuning): the product [`broadcast_matmul`] computes, but its backward
+/// gives `lhs` its gradient and nothing else. candle's matmul backward computes both operands'
+/// gradients whether or not one is wanted; for the LM head the unwanted one is as large a
+/// product as the wanted one (1.1 TFLOP per step at the LLaMA-7B benchmark's shape) plus a
+/// zero-filled sum as large as the head. A tracked `rhs` (pretraining the head) takes
+/// [`broadcast_matmul`].
+pub fn matmul_const_rhs(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    let (&[k, n], Some(&lhs_k)) = (rhs.dims(), lhs.dims().last()) else {
+        return broadcast_matmul(lhs, rhs);
+    };
+    if rhs.track_op() || lhs_k != k {
+        return broadcast_matmul(lhs, rhs); // which reports a mismatch itself
+    }
+    let mut out_dims = lhs.dims().to_vec();
+    *out_dims.last_mut().expect("lhs has a last dim") = n;
+    // Folded to rows, as broadcast_matmul folds a contiguous lhs next to a rank-2 rhs: the
+    // same product, value for value.
+    let rows = lhs.contiguous()?.reshape(((), k))?;
+    check(&Operand::of(&rows), &Operand::of(rhs))?;
+    rows.apply_op2(rhs, ConstRhsMatmul)?.reshape(out_dims)
+}
+
+/// [`matmul_const_rhs`]'s op: `lhs [m, k] · rhs [k, n]`, backward to `lhs` only.
+struct ConstRhsMatmul;
+
+impl ConstRhsMatmul {
+    fn sizes(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (_, n) = l2.shape().dims2()?;
+        Ok((m, k, n))
+    }
+}
+
+impl CustomOp2 for ConstRhsMatmul {
+    fn name(&self) -> &'static str {
+        "matmul-const-rhs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = Self::sizes(l1, l2)?;
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k, n) = Self::sizes(l1, l2)?;
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _lhs: &Tensor,
+        rhs: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // What candle's matmul backward gives lhs.
+        Ok((Some(matmul(grad, &rhs.t()?)?), None))
+    }
 }
 
 /// The shapes candle broadcasts `lhs` and `rhs` to: common batch dimensions, then each one's
@@ -152,6 +227,45 @@ mod tests {
 
     fn t(dims: &[usize]) -> Tensor {
         Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Seeded values in (-1, 1).
+    fn values(dims: &[usize], seed: u32) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_constant_rhs_gets_no_gradient_and_lhs_the_same_one() {
+        let head = values(&[10, 8], 1); // [vocab, hidden], used transposed like the LM head
+        let h = candle_core::Var::from_tensor(&values(&[2, 3, 8], 2)).unwrap();
+        let seed = values(&[2, 3, 10], 3);
+        let backward = |out: Tensor| (out * &seed).unwrap().sum_all().unwrap().backward();
+        let head_t = head.t().unwrap();
+        let plain = broadcast_matmul(h.as_tensor(), &head_t).unwrap();
+        let fused = matmul_const_rhs(h.as_tensor(), &head_t).unwrap();
+        assert_eq!(fused.dims(), &[2, 3, 10]);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            flat(&fused),
+            flat(&plain),
+            "the same product, value for value"
+        );
+        let (plain, fused) = (backward(plain).unwrap(), backward(fused).unwrap());
+        let grad =
+            |store: &candle_core::backprop::GradStore| flat(store.get(h.as_tensor()).unwrap());
+        assert_eq!(grad(&fused), grad(&plain));
+        // candle's own backward filled a gradient for the constant head; this one made none.
+        assert!(plain.get(&head_t).is_some());
+        assert!(fused.get(&head_t).is_none());
+
+        // A head being trained (pretraining) keeps its gradient.
+        let trained = candle_core::Var::from_tensor(&head).unwrap();
+        let out = matmul_const_rhs(h.as_tensor(), &trained.as_tensor().t().unwrap()).unwrap();
+        assert!(backward(out).unwrap().get(trained.as_tensor()).is_some());
     }
 
     #[test]
