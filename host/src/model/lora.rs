@@ -283,20 +283,24 @@ impl AdapterCall<'_> {
             None => x.clone(),
         };
         let scale = self.adapter.scale(self.rank);
-        let adapter_dtype = module.a.dtype();
-        if self.grad == RankGrad::None && y.dtype() != adapter_dtype {
-            // Inference on low-precision activations, as PEFT runs it (its adapters are
-            // upcast to f32 by default, `autocast_adapter_dtype`): the adapter's product in
-            // its own dtype and the sum rounded once. On the golden tiny model in bf16 that
-            // is 1.05e-2 of transformers' f32 logits instead of 1.29e-2
-            // (`golden_logits.rs::bf16_activations_*`). Training keeps the product in the
-            // activations' dtype: it is on the hot path.
-            let x = x.to_dtype(adapter_dtype)?;
-            let delta = module.delta(&x, self.rank, self.grad, scale, scale_at_rank)?;
-            return (y.to_dtype(adapter_dtype)? + delta)?.to_dtype(y.dtype());
-        }
-        let delta = module.delta(&x, self.rank, self.grad, scale, scale_at_rank)?;
-        y + delta
+        // Inference runs as PEFT does (its adapters are upcast to f32 by default,
+        // `autocast_adapter_dtype`): the adapter's product in its own dtype and the sum rounded
+        // once. On the golden tiny model in bf16 that is 1.05e-2 of transformers' f32 logits
+        // instead of 1.29e-2 (`golden_logits.rs::bf16_activations_*`). Training keeps the
+        // product in the activations' dtype: it is on the hot path. (A cast to the dtype a
+        // tensor already has is free.)
+        let compute = match self.grad {
+            RankGrad::None => module.a.dtype(),
+            _ => y.dtype(),
+        };
+        let delta = module.delta(
+            &x.to_dtype(compute)?,
+            self.rank,
+            self.grad,
+            scale,
+            scale_at_rank,
+        )?;
+        (y.to_dtype(compute)? + delta)?.to_dtype(y.dtype())
     }
 }
 
