@@ -79,7 +79,7 @@ mod with_cuda {
     use crate::gpu::{
         CudaNf4Weight, DequantElement, DequantTraffic, Gpu, dequantize_into, linear_forward, memory,
     };
-    use crate::model::fused::add_product::add_product;
+    use crate::model::fused::add_product::{add_product, add_product_into};
 
     /// ‖GPU − CPU‖ / ‖CPU‖ allowed for the f32 linear: both accumulate in f32, in different
     /// orders (about 1e-6 expected; a wrong code or scale gives errors near 1).
@@ -283,9 +283,11 @@ mod with_cuda {
         Ok(Value::Object(report))
     }
 
-    /// The written-out backward's in-place `acc + lhs · rhs` (one cuBLAS call with beta = 1)
-    /// against the CPU's sum of the same rounded inputs, for both layouts of `rhs`, f32 and
-    /// bf16, on shapes that are not multiples of anything.
+    /// The written-out backward's in-place `acc + lhs · rhs` (one strided-batched cuBLAS call
+    /// with beta = 1) against the CPU's sum of the same rounded inputs, f32 and bf16: the LoRA
+    /// path's matrices for both layouts of `rhs`, on shapes that are not multiples of anything,
+    /// and the chunked attention's batches (a transposed `lhs`, a slice of rows of a larger
+    /// tensor as `rhs` and as `acc`, whose other rows must keep their values).
     fn check_add_product(gpu: &Gpu, seed: u64) -> Result<Value> {
         let mut rng = StdRng::seed_from_u64(seed ^ 0xadd);
         let mut report = serde_json::Map::new();
@@ -293,34 +295,57 @@ mod with_cuda {
             (DType::F32, F32_LINEAR_TOLERANCE),
             (DType::BF16, BF16_LINEAR_TOLERANCE),
         ] {
+            let mut random = |dims: &[usize]| -> Result<Tensor> {
+                let values: Vec<f32> = (0..dims.iter().product::<usize>())
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect();
+                Ok(Tensor::from_vec(values, dims, &gpu.device)?.to_dtype(dtype)?)
+            };
             let mut worst = 0.0f64;
+            let mut compare = |case: String, ours: &Tensor, expected: &Tensor| -> Result<()> {
+                let err = relative_error(&on_cpu_f32(ours)?, expected)?;
+                if err.is_nan() || err >= tolerance {
+                    bail!(
+                        "GPU add product ({dtype:?}, {case}) differs from the CPU: relative \
+                         error {err:.3e} (tolerance {tolerance:.0e})"
+                    );
+                }
+                worst = worst.max(err);
+                Ok(())
+            };
             for (m, n, k) in [(37, 70, 5), (64, 96, 1), (1, 33, 17)] {
                 for rhs_transposed in [false, true] {
-                    let mut random = |shape: (usize, usize)| -> Result<Tensor> {
-                        let values: Vec<f32> = (0..shape.0 * shape.1)
-                            .map(|_| rng.random_range(-1.0f32..1.0))
-                            .collect();
-                        Ok(Tensor::from_vec(values, shape, &gpu.device)?.to_dtype(dtype)?)
-                    };
-                    let acc = random((m, n))?;
-                    let lhs = random((m, k))?;
+                    let acc = random(&[m, n])?;
+                    let lhs = random(&[m, k])?;
                     let rhs = match rhs_transposed {
-                        true => random((n, k))?.t()?,
-                        false => random((k, n))?,
+                        true => random(&[n, k])?.t()?,
+                        false => random(&[k, n])?,
                     };
                     let expected =
                         (on_cpu_f32(&acc)? + on_cpu_f32(&lhs)?.matmul(&on_cpu_f32(&rhs)?)?)?;
                     let ours = add_product(acc.copy()?, &lhs, &rhs)?;
-                    let err = relative_error(&on_cpu_f32(&ours)?, &expected)?;
-                    if err.is_nan() || err >= tolerance {
-                        bail!(
-                            "GPU add product ({dtype:?}, {m}x{n}x{k}, rhs transposed \
-                             {rhs_transposed}) differs from the CPU: relative error {err:.3e} \
-                             (tolerance {tolerance:.0e})"
-                        );
-                    }
-                    worst = worst.max(err);
+                    let case = format!("{m}x{n}x{k}, rhs transposed {rhs_transposed}");
+                    compare(case, &ours, &expected)?;
                 }
+            }
+            // Rows [0, seen) of a [2, 3, t, hd] gradient += chunk probabilitiesᵀ · rows
+            // [start, seen) of a [2, 3, t, hd] tensor.
+            for (t, hd, start, len) in [(23, 40, 9, 7), (64, 128, 48, 16)] {
+                let seen = start + len;
+                let whole = random(&[2, 3, t, hd])?;
+                let lhs = random(&[2, 3, len, seen])?.t()?;
+                let rhs = random(&[2, 3, t, hd])?.narrow(2, start, len)?;
+                let cpu = on_cpu_f32(&whole)?;
+                let added =
+                    (cpu.narrow(2, 0, seen)? + on_cpu_f32(&lhs)?.matmul(&on_cpu_f32(&rhs)?)?)?;
+                let expected = Tensor::cat(&[added, cpu.narrow(2, seen, t - seen)?], 2)?;
+                let ours = whole.copy()?;
+                add_product_into(&ours.narrow(2, 0, seen)?, &lhs, &rhs)?;
+                compare(
+                    format!("batch of 6, rows 0..{seen} of {t}"),
+                    &ours,
+                    &expected,
+                )?;
             }
             report.insert(
                 format!("{dtype:?}").to_lowercase(),

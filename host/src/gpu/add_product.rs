@@ -1,12 +1,13 @@
-//! `acc += lhs · rhs` by one cuBLAS call with `beta = 1` on candle's stream: the CUDA side of
-//! `model::fused::add_product`, which checks the layouts and maps the row-major sum to the
-//! column-major call (`Operands::blas`, tested on the CPU against BLAS's definition).
+//! `acc += lhs · rhs` by one strided-batched cuBLAS call with `beta = 1` on candle's stream:
+//! the CUDA side of `model::fused::add_product`, which checks the layouts and maps the row-major
+//! sum to the column-major call (`Operands::blas`, tested on the CPU against BLAS's
+//! definition).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaDType;
 use candle_core::{CudaStorage, DType, Layout};
 use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use half::{bf16, f16};
 
 use crate::model::fused::add_product::Operands;
@@ -47,6 +48,9 @@ where
     let int = |v: usize| {
         i32::try_from(v).map_err(|_| candle_core::Error::msg("add product: matrix too large"))
     };
+    let long = |v: usize| {
+        i64::try_from(v).map_err(|_| candle_core::Error::msg("add product: stride too large"))
+    };
     let op = |transposed: bool| match transposed {
         true => cublasOperation_t::CUBLAS_OP_T,
         false => cublasOperation_t::CUBLAS_OP_N,
@@ -63,20 +67,31 @@ where
         beta: one,
         ldc: int(g.ldc)?,
     };
-    let (m, n, k) = (operands.m, operands.n, operands.k);
+    let batched = StridedBatchedConfig {
+        gemm: cfg,
+        batch_size: int(g.batch)?,
+        stride_a: long(g.stride_a)?,
+        stride_b: long(g.stride_b)?,
+        stride_c: long(g.stride_c)?,
+    };
+    let (batch, m, n, k) = (operands.batch, operands.m, operands.n, operands.k);
     let a = rhs.as_cuda_slice::<T>()?.slice(rhs_l.start_offset()..);
     let b = lhs.as_cuda_slice::<T>()?.slice(lhs_l.start_offset()..);
     let mut c = acc
         .as_cuda_slice_mut::<T>()?
         .slice_mut(acc_l.start_offset()..);
-    if a.len() < k * n || b.len() < m * k || c.len() < m * n {
-        candle_core::bail!("add product: a buffer is shorter than its matrix");
+    if a.len() < operands.rhs.span(batch, k, n)
+        || b.len() < operands.lhs.span(batch, m, k)
+        || c.len() < operands.acc.span(batch, m, n)
+    {
+        candle_core::bail!("add product: a buffer is shorter than its matrices");
     }
-    // SAFETY: the three views hold at least the `k·n`, `m·k` and `m·n` elements the call reads
-    // and writes (checked above; `Operands::of` checked that each is one dense matrix with the
-    // leading dimension `blas()` gives). The borrow of `acc` ends when the call is queued, not
-    // when it runs: what keeps the write ordered is that candle queues all its work on the one
-    // stream this handle uses (cudarc's events order any other), and candle refuses an in-place
-    // op whose inputs share `acc`'s storage.
-    unsafe { blas.gemm(cfg, &a, &b, &mut c) }.map_err(candle_core::Error::wrap)
+    // SAFETY: the three views hold every element the calls read and write (checked above by
+    // each operand's span; `Operands::of` checked that each is a batch of row- or column-major
+    // matrices with the leading dimensions and strides `blas()` gives, and that `acc`'s
+    // matrices do not overlap). The borrow of `acc` ends when the call is queued, not when it
+    // runs: what keeps the write ordered is that candle queues all its work on the one stream
+    // this handle uses (cudarc's events order any other), and candle refuses an in-place op
+    // whose inputs share `acc`'s storage.
+    unsafe { blas.gemm_strided_batched(batched, &a, &b, &mut c) }.map_err(candle_core::Error::wrap)
 }
