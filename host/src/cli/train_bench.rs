@@ -133,6 +133,9 @@ pub enum FusionArg {
     /// In the written-out layer backward, the LoRA products added by the product itself
     /// (cuBLAS beta = 1) rather than by a separate sum.
     LoraAdd,
+    /// In the written-out layer backward, the causal attention in query chunks that skip the
+    /// masked keys (the whole score matrix instead).
+    CausalChunks,
     /// The optimizer's fused in-place AdamW (the candle-op update instead).
     Adamw,
 }
@@ -151,6 +154,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::LoraScale => fusions.lora_scale = false,
             FusionArg::LayerBackward => fusions.layer_backward = false,
             FusionArg::LoraAdd => fusions.lora_add = false,
+            FusionArg::CausalChunks => fusions.causal_chunks = false,
             FusionArg::Adamw => fusions.adamw = false,
         }
     }
@@ -495,5 +499,49 @@ fn random_tokens(config: &DecoderConfig, args: &Args) -> Dataset {
     Dataset {
         train,
         eval: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fusions switched off, by field name.
+    fn off(fusions: Fusions) -> Vec<String> {
+        let serde_json::Value::Object(fields) = serde_json::to_value(fusions).unwrap() else {
+            panic!("Fusions serializes to an object");
+        };
+        let off = fields
+            .into_iter()
+            .filter(|(_, on)| on == &serde_json::Value::Bool(false));
+        off.map(|(name, _)| name).collect()
+    }
+
+    /// Each `--unfuse` name switches off one fusion of its own, and `all` every one: a fusion
+    /// added without a name would have no "before" row in `bench/gpu.sh train`.
+    #[test]
+    fn each_unfuse_name_switches_off_its_own_fusion() {
+        let mut seen = Vec::new();
+        for &name in FusionArg::value_variants() {
+            let switched = off(fusions_without(&[name]));
+            if name == FusionArg::All {
+                assert_eq!(switched, off(Fusions::NONE));
+                continue;
+            }
+            assert_eq!(
+                switched.len(),
+                1,
+                "--unfuse {name:?} switched off {switched:?}"
+            );
+            assert!(
+                !seen.contains(&switched[0]),
+                "{name:?}: {switched:?} named twice"
+            );
+            seen.push(switched[0].clone());
+        }
+        seen.sort();
+        let mut every = off(Fusions::NONE);
+        every.sort();
+        assert_eq!(seen, every, "a fusion has no --unfuse name");
     }
 }

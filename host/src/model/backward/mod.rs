@@ -13,6 +13,7 @@
 //! never reads) is skipped. The test below holds it to autograd's gradients.
 
 mod adapted;
+mod attention;
 
 use candle_core::Tensor;
 use qdylora_core::infer::LinearKind;
@@ -21,11 +22,9 @@ pub use adapted::ModuleGrads;
 
 use super::fused::rms_norm::{rms_norm, rms_norm_backward};
 use super::fused::rope::{rope, rope_backward};
-use super::fused::softmax::{causal_softmax, causal_softmax_backward};
 use super::fused::swiglu::{swiglu, swiglu_backward};
 use super::llama::{Llama, Positions, repeat_kv};
 use super::lora::{AdapterCall, ModuleKey};
-use super::matmul::matmul;
 use crate::phases;
 
 /// The [`phases::within`] category of the attention's products and softmax, both directions.
@@ -46,8 +45,7 @@ struct AttentionTape<'a> {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    scores: Tensor,
-    probs: Tensor,
+    core: attention::Tape,
     linears: [adapted::Saved<'a>; 4],
 }
 
@@ -145,11 +143,9 @@ impl Llama {
         let q = rope(&split(q, shape.heads)?, cos, sin)?;
         let k = repeat_kv(&rope(&split(k, shape.kv_heads)?, cos, sin)?, shape.group())?;
         let v = repeat_kv(&split(v, shape.kv_heads)?, shape.group())?;
-        let (scores, probs, attn) = phases::within(ATTENTION, || {
-            let scores = matmul(&q, &k.t()?)?;
-            let probs = causal_softmax(&scores, shape.softmax_scale())?;
-            let attn = matmul(&probs, &v)?;
-            Ok((scores, probs, attn))
+        let chunks = self.attention_chunks();
+        let (attn, core) = phases::within(ATTENTION, || {
+            attention::forward(&q, &k, &v, shape.softmax_scale(), chunks)
         })?;
         let attn = attn
             .transpose(1, 2)?
@@ -159,8 +155,7 @@ impl Llama {
             q,
             k,
             v,
-            scores,
-            probs,
+            core,
             linears: [q_saved, k_saved, v_saved, o_saved],
         };
         Ok(((x + out)?, tape))
@@ -185,14 +180,8 @@ impl Llama {
             .transpose(1, 2)?
             .contiguous()?;
         let (d_q, d_k, d_v) = phases::within(ATTENTION, || {
-            let d_probs = matmul(&d_attn, &tape.v.t()?)?;
-            let d_v = matmul(&tape.probs.t()?, &d_attn)?;
-            drop((d_attn, tape.probs));
-            let d_scores = causal_softmax_backward(&tape.scores, &d_probs, shape.softmax_scale())?;
-            drop((d_probs, tape.scores));
-            let d_q = matmul(&d_scores, &tape.k)?;
-            let d_k = matmul(&d_scores.t()?, &tape.q)?;
-            Ok((d_q, d_k, d_v))
+            let (q, k, v) = (&tape.q, &tape.k, &tape.v);
+            attention::backward(q, k, v, tape.core, d_attn, shape.softmax_scale())
         })?;
         let (cos, sin) = positions.rope_tables();
         let merge = |d: Tensor, n: usize| d.transpose(1, 2)?.reshape((b, t, n * shape.head_dim));
@@ -261,6 +250,14 @@ impl Llama {
         let eps = self.config.rms_norm_eps;
         let d_x = rms_norm_backward(x, &self.layers[layer].post_norm, &d_h, eps)?;
         grad_out + d_x
+    }
+
+    /// Query chunks of the causal attention ([`attention`]): 1 is the whole score matrix.
+    fn attention_chunks(&self) -> usize {
+        match self.fusions.causal_chunks {
+            true => attention::CHUNKS,
+            false => 1,
+        }
     }
 
     fn heads(&self) -> Heads {

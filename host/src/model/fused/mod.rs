@@ -52,6 +52,11 @@ pub struct Fusions {
     /// results by the product itself ([`add_product::add_product`]: cuBLAS with beta = 1 on a
     /// GPU) instead of a separate sum. No effect without `layer_backward`.
     pub lora_add: bool,
+    /// In the written-out layer backward, the causal attention in query chunks that multiply
+    /// and keep only the keys they see (`crate::model::backward`'s `attention`): about 5/8 of
+    /// the whole score matrix's products and traffic at 4 chunks. No effect without
+    /// `layer_backward`.
+    pub causal_chunks: bool,
     /// The optimizer's masked AdamW as three in-place ops per adapter matrix on the trained
     /// ranks ([`crate::train::adamw_fused`]) instead of ~55 candle ops. The same values.
     pub adamw: bool,
@@ -68,6 +73,7 @@ impl Fusions {
         lora_scale: true,
         layer_backward: true,
         lora_add: true,
+        causal_chunks: true,
         adamw: true,
     };
     /// Every fusion off: the unfused chains.
@@ -80,6 +86,7 @@ impl Fusions {
         lora_scale: false,
         layer_backward: false,
         lora_add: false,
+        causal_chunks: false,
         adamw: false,
     };
 }
