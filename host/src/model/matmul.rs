@@ -78,10 +78,11 @@ pub fn matmul_const_rhs(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
 struct ConstRhsMatmul;
 
 impl ConstRhsMatmul {
-    fn sizes(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+    /// The product on either backend: candle's own matmul of the two storages.
+    fn product<S: BackendStorage>(s1: &S, l1: &Layout, s2: &S, l2: &Layout) -> Result<(S, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (_, n) = l2.shape().dims2()?;
-        Ok((m, k, n))
+        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
     }
 }
 
@@ -97,8 +98,7 @@ impl CustomOp2 for ConstRhsMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = Self::sizes(l1, l2)?;
-        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+        Self::product(s1, l1, s2, l2)
     }
 
     #[cfg(feature = "cuda")]
@@ -109,8 +109,7 @@ impl CustomOp2 for ConstRhsMatmul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, k, n) = Self::sizes(l1, l2)?;
-        Ok((s1.matmul(s2, (1, m, n, k), l1, l2)?, Shape::from((m, n))))
+        Self::product(s1, l1, s2, l2)
     }
 
     fn bwd(

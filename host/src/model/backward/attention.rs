@@ -68,11 +68,8 @@ pub(super) fn forward(
             probs,
         });
     }
-    let output = match outputs.len() {
-        1 => outputs.remove(0),
-        _ => Tensor::cat(&outputs, 2)?,
-    };
-    Ok((output, tape))
+    // One chunk: candle's cat returns it as is, no copy.
+    Ok((Tensor::cat(&outputs, 2)?, tape))
 }
 
 /// The gradients `(d q, d k, d v)`, each `[b, h, t, hd]`, for the output's gradient `d_out`,
@@ -108,10 +105,7 @@ pub(super) fn backward(
         accumulate(&mut d_k, &d_scores.t()?, &q.narrow(2, start, len)?, t)?;
     }
     d_q.reverse();
-    let d_q = match d_q.len() {
-        1 => d_q.remove(0),
-        _ => Tensor::cat(&d_q, 2)?,
-    };
+    let d_q = Tensor::cat(&d_q, 2)?;
     let missing = || candle_core::Error::msg("attention backward: no chunks");
     Ok((d_q, d_k.ok_or_else(missing)?, d_v.ok_or_else(missing)?))
 }
