@@ -24,7 +24,7 @@
 #   BATCH SEQ LAYERS STEPS WARMUP_STEPS R_MAX   train: (default 4 1024 32 6 2 64)
 #   UNFUSE                              train: the fused ops to measure "before", one run
 #                                       of ours each with that op switched off (default
-#                                       "layer-backward lora-add causal-chunks adamw
+#                                       "layer-backward lora-add base-add causal-chunks adamw
 #                                       softmax swiglu rms-norm rope cross-entropy
 #                                       lora-scale all"; empty
 #                                       for none). The
@@ -124,7 +124,7 @@ if [[ "$mode" == train ]]; then
         # Each fusion's "before": the same run with that op unfused; and the same run with
         # cudarc's event tracking left on (it is off by default, see gpu/device.rs).
         befores=()
-        for off in ${UNFUSE-layer-backward lora-add causal-chunks adamw softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
+        for off in ${UNFUSE-layer-backward lora-add base-add causal-chunks adamw softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
             befores+=("--unfuse $off")
         done
         [[ -n "${SKIP_EVENT_TRACKING:-}" ]] || befores+=("--cudarc-event-tracking")

@@ -76,6 +76,7 @@ mod with_cuda {
 
     use super::DequantArgs;
     use crate::gpu::kernels::NF4_DEQUANT;
+    use crate::gpu::nf4_linear::{linear_add_forward, linear_add_input_grad};
     use crate::gpu::{
         CudaNf4Weight, DequantElement, DequantTraffic, Gpu, dequantize_into, linear_forward, memory,
     };
@@ -241,6 +242,8 @@ mod with_cuda {
             |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
         let x = random(m * cols);
         let g = random(m * rows);
+        // Sums for the `add` variants to add into (the adapter's terms in training).
+        let (acc_y, acc_x) = (random(m * rows), random(m * cols));
         let cpu_w_bf16: Vec<f32> = cpu_bf16.iter().map(|v| v.to_f32()).collect();
         let mut report = serde_json::Map::new();
         for (dtype, cpu_w, tolerance) in [
@@ -268,15 +271,29 @@ mod with_cuda {
             let grad_ref = g_ref.matmul(&w_ref)?;
             let forward = relative_error(&on_cpu_f32(&y)?, &y_ref)?;
             let input_grad = relative_error(&on_cpu_f32(grad_x)?, &grad_ref)?;
-            if !(forward < tolerance && input_grad < tolerance) {
+
+            // The same products added into existing sums in place (cuBLAS beta = 1).
+            let acc_y = Tensor::from_slice(&acc_y, (m, rows), &gpu.device)?.to_dtype(dtype)?;
+            let acc_x = Tensor::from_slice(&acc_x, (m, cols), &gpu.device)?.to_dtype(dtype)?;
+            let sum_y = linear_add_forward(acc_y.copy()?, &x_gpu, w)?;
+            let sum_x = linear_add_input_grad(acc_x.copy()?, &g_gpu, w)?;
+            let sum_y_ref = (on_cpu_f32(&acc_y)? + &y_ref)?;
+            let sum_x_ref = (on_cpu_f32(&acc_x)? + &grad_ref)?;
+            let add_forward = relative_error(&on_cpu_f32(&sum_y)?, &sum_y_ref)?;
+            let add_input_grad = relative_error(&on_cpu_f32(&sum_x)?, &sum_x_ref)?;
+            let errors = [forward, input_grad, add_forward, add_input_grad];
+            if !errors.iter().all(|e| *e < tolerance) {
                 bail!(
                     "GPU NF4 linear ({dtype:?}) differs from the CPU: relative error forward \
-                     {forward:.3e}, input gradient {input_grad:.3e} (tolerance {tolerance:.0e})"
+                     {forward:.3e}, input gradient {input_grad:.3e}, added into a sum \
+                     {add_forward:.3e} and {add_input_grad:.3e} (tolerance {tolerance:.0e})"
                 );
             }
             report.insert(
                 format!("{dtype:?}").to_lowercase(),
-                json!({"forward": forward, "input_grad": input_grad, "tolerance": tolerance}),
+                json!({"forward": forward, "input_grad": input_grad,
+                       "add_forward": add_forward, "add_input_grad": add_input_grad,
+                       "tolerance": tolerance}),
             );
         }
         report.insert("rows".into(), json!(m));

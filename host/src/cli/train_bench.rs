@@ -133,6 +133,10 @@ pub enum FusionArg {
     /// In the written-out layer backward, the LoRA products added by the product itself
     /// (cuBLAS beta = 1) rather than by a separate sum.
     LoraAdd,
+    /// In the written-out layer backward, the base products added by their GEMMs (cuBLAS
+    /// beta = 1) into the adapter's terms and into the input gradient of the linears that
+    /// share an input, rather than the adapter's terms and separate sums added to them.
+    BaseAdd,
     /// In the written-out layer backward, the causal attention in query chunks that skip the
     /// masked keys (the whole score matrix instead).
     CausalChunks,
@@ -154,6 +158,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::LoraScale => fusions.lora_scale = false,
             FusionArg::LayerBackward => fusions.layer_backward = false,
             FusionArg::LoraAdd => fusions.lora_add = false,
+            FusionArg::BaseAdd => fusions.base_add = false,
             FusionArg::CausalChunks => fusions.causal_chunks = false,
             FusionArg::Adamw => fusions.adamw = false,
         }

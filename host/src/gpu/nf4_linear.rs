@@ -1,7 +1,9 @@
 //! The frozen NF4 linear `y = x Wᵀ` on the GPU, as a candle custom op: the forward pass and
 //! the input gradient each dequantize `W` into a scratch buffer of the activations' dtype,
 //! multiply with cuBLAS through candle, and free the scratch before returning. Autograd keeps
-//! only the packed weight alive between them (the CPU twin is `model::linear`).
+//! only the packed weight alive between them (the CPU twin is `model::linear`). The `add`
+//! variants add the product into an existing sum with `beta = 1` instead (the written-out
+//! backward's adapter product, or another linear's input gradient).
 //!
 //! **Not yet run on a GPU.** `qdylora gpu-dequant` checks both directions against a CPU
 //! reference before it times anything.
@@ -9,11 +11,13 @@
 use std::sync::Arc;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Tensor};
 use half::bf16;
 
+use super::add_product::add_in_place;
 use super::dequant::{self, DequantElement};
 pub use super::weight::CudaNf4Weight;
+use crate::model::fused::add_product::Operands;
 use crate::phases;
 
 /// `x [m, in] -> x Wᵀ [m, out]` for `x` on `w`'s CUDA device, f32 or bf16 (the result has
@@ -30,6 +34,54 @@ pub fn linear_input_grad(g: &Tensor, w: &Arc<CudaNf4Weight>) -> candle_core::Res
     check_input("nf4 linear input gradient", g.dims(), g.dtype(), w.rows())?;
     g.contiguous()?
         .apply_op1_no_bwd(&Nf4LinearInputGrad { weight: w.clone() })
+}
+
+/// `acc [m, out] + x Wᵀ`, added into `acc`'s memory by the GEMM itself (cuBLAS with
+/// `beta = 1`), for untracked `acc` and `x` of one dtype on `w`'s device. Returns `acc`.
+pub fn linear_add_forward(
+    acc: Tensor,
+    x: &Tensor,
+    w: &Arc<CudaNf4Weight>,
+) -> candle_core::Result<Tensor> {
+    add_times_weight(acc, x, w, Product::TimesTransposed)
+}
+
+/// `acc [m, in] + g W`: [`linear_input_grad`] added into `acc` as [`linear_add_forward`] adds.
+pub fn linear_add_input_grad(
+    acc: Tensor,
+    g: &Tensor,
+    w: &Arc<CudaNf4Weight>,
+) -> candle_core::Result<Tensor> {
+    add_times_weight(acc, g, w, Product::Times)
+}
+
+fn add_times_weight(
+    acc: Tensor,
+    lhs: &Tensor,
+    w: &Arc<CudaNf4Weight>,
+    product: Product,
+) -> candle_core::Result<Tensor> {
+    let op = Nf4AddProduct {
+        weight: w.clone(),
+        product,
+    };
+    let (inner, n) = product.dims(w.rows(), w.cols());
+    let m = check_input(op.name(), lhs.dims(), lhs.dtype(), inner)?;
+    if acc.dims() != [m, n] || acc.dtype() != lhs.dtype() {
+        candle_core::bail!(
+            "{}: expected a {:?} sum of shape [{m}, {n}], got {:?} {:?}",
+            op.name(),
+            lhs.dtype(),
+            acc.dtype(),
+            acc.dims()
+        );
+    }
+    if acc.track_op() || lhs.track_op() {
+        candle_core::bail!("{}: the tensors must not be tracked by autograd", op.name());
+    }
+    let acc = acc.contiguous()?;
+    acc.inplace_op2(&lhs.contiguous()?, &op)?;
+    Ok(acc)
 }
 
 /// Which side of the weight a product uses.
@@ -111,6 +163,44 @@ fn times_weight(
     Ok((out, out_shape))
 }
 
+/// `acc += lhs · (W or Wᵀ)` in `acc`'s memory: `W` dequantized into a scratch buffer as
+/// [`times_weight`] does, then one cuBLAS call with `beta = 1`.
+fn add_times_weight_in_place(
+    op: &str,
+    (acc, acc_layout): (&mut CudaStorage, &Layout),
+    (lhs, lhs_layout): (&CudaStorage, &Layout),
+    w: &CudaNf4Weight,
+    product: Product,
+) -> candle_core::Result<()> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let weight_layout = product.weight_layout(rows, cols);
+    let operands = Operands::of(acc_layout, lhs_layout, &weight_layout)?;
+    if operands.is_empty() {
+        return Ok(()); // Nothing to add: skip the dequantization.
+    }
+    if acc.dtype() != lhs.dtype() {
+        candle_core::bail!(
+            "{op}: dtypes {:?} and {:?} differ",
+            acc.dtype(),
+            lhs.dtype()
+        );
+    }
+    let dev = lhs.device().clone();
+    let scratch = phases::within("NF4 dequantization", || match lhs.dtype() {
+        DType::F32 => dequantized::<f32>(&dev, w),
+        DType::BF16 => dequantized::<bf16>(&dev, w),
+        other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
+    })?;
+    phases::within("base GEMMs", || {
+        add_in_place(
+            (acc, acc_layout),
+            (lhs, lhs_layout),
+            (&scratch, &weight_layout),
+            operands,
+        )
+    })
+}
+
 fn dequantized<T: DequantElement + candle_core::cuda::CudaDType>(
     dev: &candle_core::CudaDevice,
     w: &CudaNf4Weight,
@@ -184,6 +274,47 @@ impl CustomOp1 for Nf4LinearInputGrad {
         layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         times_weight(self.name(), storage, layout, &self.weight, Product::Times)
+    }
+}
+
+/// `acc += lhs · (W or Wᵀ)`, in place on `acc`.
+struct Nf4AddProduct {
+    weight: Arc<CudaNf4Weight>,
+    product: Product,
+}
+
+impl InplaceOp2 for Nf4AddProduct {
+    fn name(&self) -> &'static str {
+        match self.product {
+            Product::TimesTransposed => "nf4-linear-cuda-add",
+            Product::Times => "nf4-linear-cuda-add-input-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        Err(cpu_unsupported(self.name()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        acc: &mut CudaStorage,
+        acc_layout: &Layout,
+        lhs: &CudaStorage,
+        lhs_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        add_times_weight_in_place(
+            self.name(),
+            (acc, acc_layout),
+            (lhs, lhs_layout),
+            &self.weight,
+            self.product,
+        )
     }
 }
 

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use qdylora_formats::Nf4Weight;
 
 use crate::kernels;
+use crate::model::fused::add_product::add_product;
 use crate::model::matmul::broadcast_matmul;
 use crate::phases;
 
@@ -97,6 +98,39 @@ impl BaseLinear {
         }
     }
 
+    /// `acc + x Wᵀ` for `acc: [..., out]` and `x: [..., in]` over the same rows. Where the
+    /// product can add as it writes (cuBLAS with `beta = 1` on the GPU, the dense CPU path) the
+    /// sum lands in `acc`'s memory, so `acc` must be a fresh result no other tensor reads (the
+    /// written-out backward's); elsewhere it is the product plus `acc`. Records no autograd
+    /// graph when it adds in place.
+    pub fn add_forward(&self, acc: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense { weight_t } => {
+                phases::within("base GEMMs", || add_product_or_sum(acc, x, weight_t))
+            }
+            #[cfg(feature = "cuda")]
+            Self::Nf4Cuda(w) => in_rows(acc, x, |acc, x| {
+                crate::gpu::nf4_linear::linear_add_forward(acc, x, w)
+            }),
+            _ => acc + self.forward(x)?,
+        }
+    }
+
+    /// `acc + grad W` for `acc: [..., in]` and `grad: [..., out]`: [`BaseLinear::input_grad`]
+    /// added into `acc` as [`BaseLinear::add_forward`] adds. Records no autograd graph.
+    pub fn add_input_grad(&self, acc: Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense { weight_t } => phases::within("base GEMMs", || {
+                add_product_or_sum(acc, grad, &weight_t.detach().t()?)
+            }),
+            #[cfg(feature = "cuda")]
+            Self::Nf4Cuda(w) => in_rows(acc, grad, |acc, g| {
+                crate::gpu::nf4_linear::linear_add_input_grad(acc, g, w)
+            }),
+            _ => acc + self.input_grad(grad)?,
+        }
+    }
+
     /// Bytes this linear keeps resident.
     pub fn resident_bytes(&self) -> usize {
         match self {
@@ -129,6 +163,43 @@ fn on_rows(
     let mut out_dims = lead.to_vec();
     out_dims.push(rows);
     y.reshape(out_dims)
+}
+
+/// `acc + lhs · rhs` over `lhs`'s and `acc`'s rows: in `acc`'s memory when none of them is
+/// tracked by autograd and they share a dtype ([`add_product`]), else a plain sum.
+fn add_product_or_sum(acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> {
+    let untracked = !(acc.track_op() || lhs.track_op() || rhs.track_op());
+    let one_dtype = acc.dtype() == lhs.dtype() && lhs.dtype() == rhs.dtype();
+    if untracked && one_dtype {
+        return in_rows(acc, lhs, |acc, lhs| {
+            add_product(acc, &lhs.contiguous()?, rhs)
+        });
+    }
+    acc + broadcast_matmul(lhs, rhs)?
+}
+
+/// Applies `op`, which adds a product over `[m, _]` rows into `acc: [m, _]`, to `acc` and
+/// `input` flattened to rows (they must list the same rows), keeping `acc`'s shape.
+fn in_rows(
+    acc: Tensor,
+    input: &Tensor,
+    op: impl FnOnce(Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (shape, rows) = (acc.shape().clone(), input.dims());
+    let (Some((&width, lead)), Some((&out, acc_lead))) =
+        (rows.split_last(), shape.dims().split_last())
+    else {
+        candle_core::bail!("base linear sum: expected [..., features] tensors, got scalars");
+    };
+    if lead != acc_lead {
+        candle_core::bail!(
+            "base linear sum: the input {rows:?} and the sum {:?} list different rows",
+            shape.dims()
+        );
+    }
+    let m: usize = lead.iter().product();
+    let sum = op(acc.reshape((m, out))?, &input.reshape((m, width))?)?;
+    sum.reshape(shape)
 }
 
 fn contiguous_f32<'a>(

@@ -27,13 +27,23 @@ pub struct ModuleGrads {
     pub b: Tensor,
 }
 
+/// How a linear's base and adapter terms are summed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sums {
+    /// The adapter's products added into an existing sum by the product itself
+    /// ([`add_product`], `Fusions::lora_add`).
+    pub lora_add: bool,
+    /// The adapter's term written first and the base product added into it by its GEMM
+    /// ([`BaseLinear::add_forward`], `Fusions::base_add`); input gradients also add into the
+    /// sum of the linears that share an input.
+    pub base_add: bool,
+}
+
 /// What one linear's backward pass needs from its forward pass.
 pub(super) struct Saved<'a> {
     base: &'a BaseLinear,
     lora: Option<LoraSaved>,
-    /// Add the adapter's products into the base results in one product each
-    /// ([`add_product`], `Fusions::lora_add`).
-    fused_add: bool,
+    sums: Sums,
 }
 
 /// The adapter's part of [`Saved`].
@@ -63,13 +73,13 @@ pub(super) fn prepare<'a>(
     key: ModuleKey,
     x: &Tensor,
     call: &AdapterCall<'_>,
-    fused_add: bool,
+    sums: Sums,
 ) -> candle_core::Result<Saved<'a>> {
     let Some(module) = call.adapter.modules.get(&key) else {
         return Ok(Saved {
             base,
             lora: None,
-            fused_add,
+            sums,
         });
     };
     let lora = phases::within(LORA, || {
@@ -106,7 +116,7 @@ pub(super) fn prepare<'a>(
     Ok(Saved {
         base,
         lora: Some(lora),
-        fused_add,
+        sums,
     })
 }
 
@@ -116,48 +126,94 @@ pub(super) fn forward<'a>(
     key: ModuleKey,
     x: &Tensor,
     call: &AdapterCall<'_>,
-    fused_add: bool,
+    sums: Sums,
 ) -> candle_core::Result<(Tensor, Saved<'a>)> {
-    let saved = prepare(base, key, x, call, fused_add)?;
-    let y = base.forward(x)?;
+    let saved = prepare(base, key, x, call, sums)?;
     let y = match &saved.lora {
-        Some(lora) => phases::within(LORA, || saved.add_product(y, &lora.scaled, &lora.b.t()?))?,
-        None => y,
+        None => base.forward(x)?,
+        // The memory-bound product writes `[m, out]` once; the base GEMM adds into it as it
+        // writes, where the other order reads and writes its output again.
+        Some(lora) if sums.base_add => {
+            let delta = phases::within(LORA, || {
+                matmul(&lora.scaled, &lora.b.t()?)?.reshape(rows_of(x, base.out_features()))
+            })?;
+            base.add_forward(delta, x)?
+        }
+        Some(lora) => {
+            let y = base.forward(x)?;
+            phases::within(LORA, || saved.add_product(y, &lora.scaled, &lora.b.t()?))?
+        }
     };
     Ok((y, saved))
 }
 
+/// `t`'s leading dims with `width` last.
+fn rows_of(t: &Tensor, width: usize) -> Vec<usize> {
+    let mut dims = t.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = width;
+    }
+    dims
+}
+
 impl Saved<'_> {
-    /// The input gradient `[..., in]` for `grad: [..., out]`, and the adapter's gradients when
-    /// this linear has an adapter with rows that learn.
+    /// The input gradient `[..., in]` for `grad: [..., out]`, added to `acc` (the input
+    /// gradient of linears before it that read the same input) when given, and the adapter's
+    /// gradients when this linear has an adapter with rows that learn.
     pub(super) fn backward(
         &self,
         grad: &Tensor,
+        acc: Option<Tensor>,
     ) -> candle_core::Result<(Tensor, Option<ModuleGrads>)> {
+        if self.sums.base_add {
+            // The adapter's term first, then the base GEMM adds into it as it writes.
+            let (acc, grads) = match &self.lora {
+                Some(lora) => {
+                    let (sum, grads) =
+                        phases::within(LORA, || self.lora_backward(lora, grad, acc))?;
+                    (Some(sum), grads)
+                }
+                None => (acc, None),
+            };
+            let dx = match acc {
+                Some(acc) => self.base.add_input_grad(acc, grad)?,
+                None => self.base.input_grad(grad)?,
+            };
+            return Ok((dx, grads));
+        }
         let dx = self.base.input_grad(grad)?;
-        let Some(lora) = &self.lora else {
-            return Ok((dx, None));
+        let (dx, grads) = match &self.lora {
+            Some(lora) => phases::within(LORA, || self.lora_backward(lora, grad, Some(dx)))?,
+            None => (dx, None),
         };
-        phases::within(LORA, || self.lora_backward(lora, grad, dx))
+        match acc {
+            Some(acc) => Ok(((acc + dx)?, grads)),
+            None => Ok((dx, grads)),
+        }
     }
 
-    /// The adapter's share of [`Saved::backward`]: its term of the input gradient `dx` (the
-    /// base's, added to) and its own gradients.
+    /// The adapter's share of [`Saved::backward`]: its term of the input gradient, added to
+    /// `acc` when given, and its own gradients.
     fn lora_backward(
         &self,
         lora: &LoraSaved,
         grad: &Tensor,
-        dx: Tensor,
+        acc: Option<Tensor>,
     ) -> candle_core::Result<(Tensor, Option<ModuleGrads>)> {
         let dy = grad.reshape(((), self.base.out_features()))?;
         // Back through `scaled B_rᵀ`, then the scale, then `input A_rᵀ`, then the dropout.
         let d_product = (matmul(&dy, &lora.b)? * lora.scale)?;
-        let dx = match &lora.mask {
-            Some(mask) => {
-                let d_x = (matmul(&d_product, &lora.a)? * mask)?;
-                (&dx + d_x.reshape(dx.shape())?)?
+        let shape = rows_of(grad, self.base.in_features());
+        let dx = match (&lora.mask, acc) {
+            (None, Some(acc)) => self.add_product(acc, &d_product, &lora.a)?,
+            (None, None) => matmul(&d_product, &lora.a)?.reshape(shape)?,
+            (Some(mask), acc) => {
+                let d_x = (matmul(&d_product, &lora.a)? * mask)?.reshape(shape)?;
+                match acc {
+                    Some(acc) => (acc + d_x)?,
+                    None => d_x,
+                }
             }
-            None => self.add_product(dx, &d_product, &lora.a)?,
         };
         if lora.learning.is_empty() {
             return Ok((dx, None));
@@ -193,7 +249,7 @@ impl Saved<'_> {
     fn add_product(&self, acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> {
         let shape = acc.shape().clone();
         let acc = acc.reshape((lhs.dim(0)?, rhs.dim(1)?))?;
-        let sum = match self.fused_add {
+        let sum = match self.sums.lora_add {
             true => add_product(acc, lhs, rhs)?,
             false => (acc + matmul(lhs, rhs)?)?,
         };

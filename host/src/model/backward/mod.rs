@@ -126,10 +126,10 @@ impl Llama {
         let shape = self.heads();
         let weights = &self.layers[layer];
         let h = rms_norm(x, &weights.input_norm, self.config.rms_norm_eps)?;
-        let fused_add = self.fusions.lora_add;
+        let sums = self.sums();
         let linear = |kind, input: &Tensor| {
             let key = Self::key(layer, kind);
-            adapted::forward(weights.linear(kind), key, input, call, fused_add)
+            adapted::forward(weights.linear(kind), key, input, call, sums)
         };
         let (q, q_saved) = linear(LinearKind::Q, &h)?;
         let (k, k_saved) = linear(LinearKind::K, &h)?;
@@ -174,7 +174,7 @@ impl Llama {
         let (b, t, _) = x.dims3()?;
         let shape = self.heads();
         let [q_saved, k_saved, v_saved, o_saved] = &tape.linears;
-        let d_attn = collect(o_saved.backward(grad_out)?, modules);
+        let d_attn = collect(o_saved.backward(grad_out, None)?, modules);
         let d_attn = d_attn
             .reshape((b, t, shape.heads, shape.head_dim))?
             .transpose(1, 2)?
@@ -189,9 +189,10 @@ impl Llama {
         let d_k = rope_backward(&shape.sum_groups(&d_k)?, cos, sin)?;
         let d_k = merge(d_k, shape.kv_heads)?;
         let d_v = merge(shape.sum_groups(&d_v)?, shape.kv_heads)?;
-        let d_h = collect(q_saved.backward(&d_q)?, modules);
-        let d_h = (d_h + collect(k_saved.backward(&d_k)?, modules))?;
-        let d_h = (d_h + collect(v_saved.backward(&d_v)?, modules))?;
+        // q, k and v read the same input: their input gradients add into one sum.
+        let d_h = collect(q_saved.backward(&d_q, None)?, modules);
+        let d_h = collect(k_saved.backward(&d_k, Some(d_h))?, modules);
+        let d_h = collect(v_saved.backward(&d_v, Some(d_h))?, modules);
         let eps = self.config.rms_norm_eps;
         let d_x = rms_norm_backward(x, &self.layers[layer].input_norm, &d_h, eps)?;
         grad_out + d_x
@@ -209,20 +210,20 @@ impl Llama {
     ) -> candle_core::Result<(Option<Tensor>, MlpTape<'a>)> {
         let weights = &self.layers[layer];
         let h = rms_norm(x, &weights.post_norm, self.config.rms_norm_eps)?;
-        let fused_add = self.fusions.lora_add;
+        let sums = self.sums();
         let kind = |k| (weights.linear(k), Self::key(layer, k));
         let (base, key) = kind(LinearKind::Gate);
-        let (gate, gate_saved) = adapted::forward(base, key, &h, call, fused_add)?;
+        let (gate, gate_saved) = adapted::forward(base, key, &h, call, sums)?;
         let (base, key) = kind(LinearKind::Up);
-        let (up, up_saved) = adapted::forward(base, key, &h, call, fused_add)?;
+        let (up, up_saved) = adapted::forward(base, key, &h, call, sums)?;
         let act = swiglu(&gate, &up)?;
         let (base, key) = kind(LinearKind::Down);
         let (out, down_saved) = match with_output {
             true => {
-                let (down, saved) = adapted::forward(base, key, &act, call, fused_add)?;
+                let (down, saved) = adapted::forward(base, key, &act, call, sums)?;
                 (Some((x + down)?), saved)
             }
-            false => (None, adapted::prepare(base, key, &act, call, fused_add)?),
+            false => (None, adapted::prepare(base, key, &act, call, sums)?),
         };
         let tape = MlpTape {
             gate,
@@ -242,14 +243,22 @@ impl Llama {
         modules: &mut Vec<ModuleGrads>,
     ) -> candle_core::Result<Tensor> {
         let [gate_saved, up_saved, down_saved] = &tape.linears;
-        let d_act = collect(down_saved.backward(grad_out)?, modules);
+        let d_act = collect(down_saved.backward(grad_out, None)?, modules);
         let (d_gate, d_up) = swiglu_backward(&tape.gate, &tape.up, &d_act)?;
         drop((d_act, tape.gate, tape.up));
-        let d_h = collect(gate_saved.backward(&d_gate)?, modules);
-        let d_h = (d_h + collect(up_saved.backward(&d_up)?, modules))?;
+        let d_h = collect(gate_saved.backward(&d_gate, None)?, modules);
+        let d_h = collect(up_saved.backward(&d_up, Some(d_h))?, modules);
         let eps = self.config.rms_norm_eps;
         let d_x = rms_norm_backward(x, &self.layers[layer].post_norm, &d_h, eps)?;
         grad_out + d_x
+    }
+
+    /// How each linear sums its base and adapter terms.
+    fn sums(&self) -> adapted::Sums {
+        adapted::Sums {
+            lora_add: self.fusions.lora_add,
+            base_add: self.fusions.base_add,
+        }
     }
 
     /// Query chunks of the causal attention ([`attention`]): 1 is the whole score matrix.
@@ -318,6 +327,7 @@ mod tests {
 
     use super::*;
     use crate::model::fused::test_support::{flat, scaled_diff};
+    use crate::model::linear::BaseLinear;
     use crate::model::lora::{Adapter, Dropout, LoraModule, RankGrad};
     use crate::model::place::random_nf4_llama;
 
@@ -386,10 +396,37 @@ mod tests {
         scaled_diff(ours, theirs)
     }
 
+    /// [`model`] with its NF4 linears replaced by the dense f32 weights they hold (on the CPU,
+    /// the path on which [`BaseLinear::add_forward`] adds in place, as the GPU's does).
+    fn dense_model() -> Llama {
+        let mut model = model();
+        for linear in &mut model.layers[0].linears {
+            let BaseLinear::Nf4(w) = &*linear else {
+                panic!("the test model's linears are NF4");
+            };
+            let values = w.dequantize_f32().unwrap();
+            let weight = Tensor::from_vec(values, (w.rows, w.cols), &Device::Cpu).unwrap();
+            *linear = BaseLinear::dense(&weight).unwrap();
+        }
+        model
+    }
+
     #[test]
     fn the_written_out_layer_backward_gives_autograds_gradients() {
-        let model = model();
-        let adapter = adapter(&model);
+        // Each way of summing the base and adapter terms, over both kinds of base linear.
+        for (base_add, lora_add) in [(true, true), (true, false), (false, true), (false, false)] {
+            for mut model in [model(), dense_model()] {
+                model.fusions.base_add = base_add;
+                model.fusions.lora_add = lora_add;
+                let dense = matches!(model.layers[0].linears[0], BaseLinear::Dense { .. });
+                let case = format!("base_add {base_add}, lora_add {lora_add}, dense {dense}");
+                layer_backward_matches_autograd(&model, &case);
+            }
+        }
+    }
+
+    fn layer_backward_matches_autograd(model: &Llama, sums: &str) {
+        let adapter = adapter(model);
         let (b, t) = (2, 5);
         let positions = model.positions(t).unwrap();
         let x = random(&[b, t, 64], 4, -1.0, 1.0);
@@ -402,49 +439,51 @@ mod tests {
             (RankGrad::All, R_MAX),
             (RankGrad::None, 2),
         ] {
-            let (d1, d2) = (dropout(), dropout());
-            let call = |d| AdapterCall {
-                adapter: &adapter,
-                rank,
-                grad,
-                dropout: Some(d),
-            };
-            // Autograd: the layer's forward from a variable input, backpropagating
-            // `sum(out * grad_out)`.
-            let input = Var::from_tensor(&x).unwrap();
-            let out = model
-                .layer(0, input.as_tensor(), &positions, Some(&call(&d1)))
-                .unwrap();
-            let store = (out * &grad_out)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            for with_dropout in [true, false] {
+                let (d1, d2) = (dropout(), dropout());
+                let call = |d| AdapterCall {
+                    adapter: &adapter,
+                    rank,
+                    grad,
+                    dropout: with_dropout.then_some(d),
+                };
+                // Autograd: the layer's forward from a variable input, backpropagating
+                // `sum(out * grad_out)`.
+                let input = Var::from_tensor(&x).unwrap();
+                let out = model
+                    .layer(0, input.as_tensor(), &positions, Some(&call(&d1)))
+                    .unwrap();
+                let store = (out * &grad_out)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
 
-            let ours = model
-                .layer_backward(0, &x, &positions, &call(&d2), &grad_out)
-                .unwrap();
-            let case = format!("{grad:?} at rank {rank}");
-            let d_input = relative(&ours.input, store.get(input.as_tensor()).unwrap());
-            assert!(d_input < 1e-5, "{case}: input gradient off by {d_input}");
+                let ours = model
+                    .layer_backward(0, &x, &positions, &call(&d2), &grad_out)
+                    .unwrap();
+                let case = format!("{sums}, dropout {with_dropout}: {grad:?} at rank {rank}");
+                let d_input = relative(&ours.input, store.get(input.as_tensor()).unwrap());
+                assert!(d_input < 1e-5, "{case}: input gradient off by {d_input}");
 
-            let learning = grad.learning_rows(rank);
-            let expected = if learning.is_empty() { 0 } else { 7 };
-            assert_eq!(ours.modules.len(), expected, "{case}");
-            for m in &ours.modules {
-                let module = &adapter.modules[&m.key];
-                for (name, ours, var, rank_dim) in
-                    [("A", &m.a, &module.a, 0), ("B", &m.b, &module.b, 1)]
-                {
-                    let theirs = store.get(var.as_tensor()).unwrap();
-                    let diff = relative(ours, theirs);
-                    assert!(diff < 1e-5, "{case}, {:?} {name}: off by {diff}", m.key);
-                    // Only the learning rank indices are non-zero.
-                    for i in 0..R_MAX {
-                        let slice = ours.narrow(rank_dim, i, 1).unwrap();
-                        let nonzero = flat(&slice).iter().any(|v| *v != 0.0);
-                        assert_eq!(nonzero, learning.contains(&i), "{case} {name} index {i}");
+                let learning = grad.learning_rows(rank);
+                let expected = if learning.is_empty() { 0 } else { 7 };
+                assert_eq!(ours.modules.len(), expected, "{case}");
+                for m in &ours.modules {
+                    let module = &adapter.modules[&m.key];
+                    for (name, ours, var, rank_dim) in
+                        [("A", &m.a, &module.a, 0), ("B", &m.b, &module.b, 1)]
+                    {
+                        let theirs = store.get(var.as_tensor()).unwrap();
+                        let diff = relative(ours, theirs);
+                        assert!(diff < 1e-5, "{case}, {:?} {name}: off by {diff}", m.key);
+                        // Only the learning rank indices are non-zero.
+                        for i in 0..R_MAX {
+                            let slice = ours.narrow(rank_dim, i, 1).unwrap();
+                            let nonzero = flat(&slice).iter().any(|v| *v != 0.0);
+                            assert_eq!(nonzero, learning.contains(&i), "{case} {name} index {i}");
+                        }
                     }
                 }
             }
@@ -453,8 +492,16 @@ mod tests {
 
     #[test]
     fn the_untracked_forward_is_the_layers_forward() {
-        let model = model();
-        let adapter = adapter(&model);
+        for base_add in [true, false] {
+            for mut model in [model(), dense_model()] {
+                model.fusions.base_add = base_add;
+                untracked_forward_matches(&model);
+            }
+        }
+    }
+
+    fn untracked_forward_matches(model: &Llama) {
+        let adapter = adapter(model);
         let positions = model.positions(5).unwrap();
         let x = random(&[2, 5, 64], 4, -1.0, 1.0);
         let (d1, d2) = (dropout(), dropout());

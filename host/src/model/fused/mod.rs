@@ -52,6 +52,12 @@ pub struct Fusions {
     /// results by the product itself ([`add_product::add_product`]: cuBLAS with beta = 1 on a
     /// GPU) instead of a separate sum. No effect without `layer_backward`.
     pub lora_add: bool,
+    /// In the written-out layer backward, each adapted linear's adapter term written first and
+    /// the base product added into it by its GEMM (cuBLAS with beta = 1 on a GPU, where the
+    /// compute-bound product's epilogue reads the sum instead of a memory-bound pass reading and
+    /// writing the base's output again); the input gradients of the linears that share an input
+    /// added into one sum the same way. No effect without `layer_backward`.
+    pub base_add: bool,
     /// In the written-out layer backward, the causal attention in query chunks that multiply
     /// and keep only the keys they see (`crate::model::backward`'s `attention`): about 5/8 of
     /// the whole score matrix's products and traffic at 4 chunks. No effect without
@@ -73,6 +79,7 @@ impl Fusions {
         lora_scale: true,
         layer_backward: true,
         lora_add: true,
+        base_add: true,
         causal_chunks: true,
         adamw: true,
     };
@@ -86,6 +93,7 @@ impl Fusions {
         lora_scale: false,
         layer_backward: false,
         lora_add: false,
+        base_add: false,
         causal_chunks: false,
         adamw: false,
     };
