@@ -31,6 +31,11 @@
 #                                       written-out layer backward needs the fused ops, so a
 #                                       row with one of them off runs autograd: compare it
 #                                       with the layer-backward row
+#   KEEP                                train: one more run of ours per value with
+#                                       `--keep-layers N`, the layers at the end that keep
+#                                       their activations instead of recomputing them (ours
+#                                       keeps 1 by default; default "0 4": v7's full
+#                                       recomputation, and four layers' activations kept)
 #   SKIP_EVENT_TRACKING=1               train: skip the extra "before" run with cudarc's
 #                                       event tracking on (--cudarc-event-tracking)
 #   PEER_ONLY=1 / OURS_ONLY=1           train: run one side only
@@ -127,11 +132,14 @@ if [[ "$mode" == train ]]; then
         for off in ${UNFUSE-layer-backward lora-add base-add causal-chunks adamw softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
             befores+=("--unfuse $off")
         done
+        for keep in ${KEEP-0 4}; do
+            befores+=("--keep-layers $keep")
+        done
         [[ -n "${SKIP_EVENT_TRACKING:-}" ]] || befores+=("--cudarc-event-tracking")
         for before in "${befores[@]}"; do
             # One failing "before" must not cost the rows after it, nor the peer: a lent GPU
             # machine's time is short. It is reported, and the script's status says so.
-            # shellcheck disable=SC2086 # "--unfuse name" is two words on purpose
+            # shellcheck disable=SC2086 # "--unfuse name" is two words on purpose, as is "--keep-layers N"
             if ! one=$("${ours[@]}" --json $before); then
                 echo "qdylora $before: FAILED (its error is above)" >&2
                 failed+=("$before")
@@ -173,10 +181,12 @@ ours = json.loads(os.environ["OURS_JSON"])
 peer = json.loads(os.environ["PEER_JSON"] or "null")
 rows = []
 if ours:
-    rows.append((f"qdylora QDyLoRA r_max 64 (frozen, sampled b; {ours['backward']} backward)",
+    rows.append((f"qdylora QDyLoRA r_max 64 (frozen, sampled b; {ours['backward']} backward, "
+                 f"last {ours.get('keep_layers', 0)} layers kept)",
                  ours["tokens_per_s"], ours["peak_gib"]))
 for run in json.loads(os.environ["UNFUSED_JSON"]):
-    rows.append((f"qdylora, {run['before']} (before that change; {run['backward']} backward)",
+    change = "before that change; " if run["before"].startswith("--unfuse") else ""
+    rows.append((f"qdylora, {run['before']} ({change}{run['backward']} backward)",
                  run["tokens_per_s"], run["peak_gib"]))
 if peer:
     q = peer["qlora_7b_b4_s1024"]

@@ -128,6 +128,12 @@ pub struct Args {
     /// (gradient checkpointing: same gradients, less memory, about a third more compute).
     #[arg(long)]
     pub recompute: bool,
+    /// With `--recompute`: the last N layers keep their activations from the forward pass
+    /// instead of running it again. The last layer's cost about no peak memory (its backward
+    /// would rebuild them right after the loss); each further layer adds its activations to the
+    /// peak. 0 recomputes every layer.
+    #[arg(long, default_value_t = 1)]
+    pub keep_layers: usize,
 }
 
 /// Parses `--target-modules`.
@@ -248,6 +254,7 @@ pub fn run_command(args: &Args) -> Result<()> {
         Trainer::new(&model, config, fingerprint)?
     };
     trainer.recompute = args.recompute;
+    trainer.keep_layers = args.keep_layers;
     eprintln!(
         "training {} parameters ({} examples, {} held out)",
         trainer.adapter.parameter_count(),

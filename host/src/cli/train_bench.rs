@@ -87,6 +87,10 @@ pub struct Args {
     /// Keep every layer's activations instead of recomputing them in the backward pass.
     #[arg(long)]
     pub no_recompute: bool,
+    /// With recomputation: the last N layers keep their activations from the forward pass
+    /// instead of running it again (see `train --keep-layers`).
+    #[arg(long, default_value_t = 1)]
+    pub keep_layers: usize,
     /// Adapter weights' dtype (the optimizer math is f32 either way).
     #[arg(long, value_enum, default_value = "bf16")]
     pub adapter_dtype: AdapterDtype,
@@ -189,6 +193,8 @@ pub struct BenchReport {
     pub event_tracking: Option<bool>,
     /// Per-layer activation recomputation.
     pub recompute: bool,
+    /// Layers at the end that kept their activations instead (written-out backward only).
+    pub keep_layers: usize,
     /// How the layers' backward ran: `written-out` (`model::backward`, with recomputation and
     /// every fused op on) or `autograd`.
     pub backward: &'static str,
@@ -235,8 +241,8 @@ pub fn run(args: &Args) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{} {:?} ({} layers), batch {} x seq {}, r_max {}, {} activations, recompute {}, \
-             {} backward, {:?}",
+            "{} {:?} ({} layers), batch {} x seq {}, r_max {}, {} activations, recompute {} \
+             (last {} kept), {} backward, {:?}",
             report.device,
             report.shape,
             report.layers,
@@ -245,6 +251,7 @@ pub fn run(args: &Args) -> Result<()> {
             report.r_max,
             report.dtype,
             report.recompute,
+            report.keep_layers,
             report.backward,
             report.fusions
         );
@@ -354,6 +361,7 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
     let train_config = train_config(args);
     let mut trainer = Trainer::new(&model, train_config.clone(), [0; 16])?;
     trainer.recompute = !args.no_recompute;
+    trainer.keep_layers = args.keep_layers;
     let mut losses = Vec::with_capacity(args.warmup + args.steps);
     for _ in 0..args.warmup {
         losses.push(trainer.train_step(&data)?.loss);
@@ -407,6 +415,10 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         fusions: model.fusions,
         event_tracking,
         recompute: trainer.recompute,
+        keep_layers: match trainer.recompute && model.has_layer_backward() {
+            true => trainer.keep_layers.min(config.num_layers as usize),
+            false => 0,
+        },
         backward: match trainer.recompute && model.has_layer_backward() {
             true => "written-out",
             false => "autograd",

@@ -162,6 +162,11 @@ pub struct Trainer<'m> {
     /// (gradient checkpointing, see `recompute`). Off by default: same gradients, less memory,
     /// about one more forward pass of compute.
     pub recompute: bool,
+    /// With `recompute` and the written-out layer backward: the last this many layers keep
+    /// their activations from the forward pass instead of recomputing them (0: recompute all).
+    /// 1 by default: the last layer's backward would rebuild its tape right after the loss, so
+    /// keeping it costs about no peak memory.
+    pub keep_layers: usize,
 }
 
 impl<'m> Trainer<'m> {
@@ -213,6 +218,7 @@ impl<'m> Trainer<'m> {
             },
             fingerprint,
             recompute: false,
+            keep_layers: 1,
         })
     }
 
@@ -284,6 +290,7 @@ impl<'m> Trainer<'m> {
                     &layer_dropout,
                     weight,
                     &vars,
+                    self.keep_layers,
                 )?;
                 (out.loss_sum, out.grads)
             } else {

@@ -1,6 +1,7 @@
 //! Inputs and comparisons shared by the fused ops' unit tests.
 
 use candle_core::{DType, Device, Tensor, Var};
+use qdylora_core::infer::DecoderConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -39,4 +40,21 @@ pub fn weighted_sum_grads<const N: usize>(
     let loss = (out * weights).unwrap().to_dtype(DType::F32).unwrap();
     let grads = loss.sum_all().unwrap().backward().unwrap();
     vars.map(|v| grads.get(v.as_tensor()).unwrap().clone())
+}
+
+/// A small LLaMA shape for the model-level tests: hidden 64, MLP 128, grouped-query attention
+/// (4 query heads on 2 key/value heads of 16), vocabulary 32.
+pub fn small_gqa_config(num_layers: u32) -> DecoderConfig {
+    DecoderConfig {
+        vocab_size: 32,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+    }
 }
