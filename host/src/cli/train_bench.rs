@@ -134,8 +134,8 @@ pub enum FusionArg {
     /// The decoder layer's written-out backward (candle's autograd instead). Switching off
     /// another fused op also switches this off: compare those rows with this one.
     LayerBackward,
-    /// In the written-out layer backward, the LoRA products added by the product itself
-    /// (cuBLAS beta = 1) rather than by a separate sum.
+    /// In the written-out layer backward, the LoRA products added into an existing sum by the
+    /// product itself (cuBLAS beta = 1) rather than by a separate sum.
     LoraAdd,
     /// In the written-out layer backward, the base products added by their GEMMs (cuBLAS
     /// beta = 1) into the adapter's terms and into the input gradient of the linears that

@@ -48,9 +48,11 @@ pub struct Fusions {
     /// candle's autograd, in training with recomputation. It needs the fused ops above, so
     /// switching any of them off also means autograd.
     pub layer_backward: bool,
-    /// In the written-out layer backward, the LoRA path's products added into the base
-    /// results by the product itself ([`add_product::add_product`]: cuBLAS with beta = 1 on a
-    /// GPU) instead of a separate sum. No effect without `layer_backward`.
+    /// In the written-out layer backward, the LoRA path's products added into an existing sum
+    /// by the product itself ([`add_product::add_product`]: cuBLAS with beta = 1 on a GPU)
+    /// instead of a separate sum: into the base results when `base_add` is off, else into the
+    /// input gradient of a linear that shares its input with one before it. No effect without
+    /// `layer_backward`.
     pub lora_add: bool,
     /// In the written-out layer backward, each adapted linear's adapter term written first and
     /// the base product added into it by its GEMM (cuBLAS with beta = 1 on a GPU, where the
