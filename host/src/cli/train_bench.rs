@@ -404,6 +404,8 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
             )
     });
     let tokens = (args.batch * args.seq * args.steps) as f64;
+    // Only the written-out layer backward keeps layers' activations (`train::recompute`).
+    let written_out = trainer.recompute && model.has_layer_backward();
     Ok(BenchReport {
         device: describe(&device),
         shape: args.shape,
@@ -415,11 +417,11 @@ pub fn bench(args: &Args) -> Result<BenchReport> {
         fusions: model.fusions,
         event_tracking,
         recompute: trainer.recompute,
-        keep_layers: match trainer.recompute && model.has_layer_backward() {
+        keep_layers: match written_out {
             true => trainer.keep_layers.min(config.num_layers as usize),
             false => 0,
         },
-        backward: match trainer.recompute && model.has_layer_backward() {
+        backward: match written_out {
             true => "written-out",
             false => "autograd",
         },

@@ -145,11 +145,7 @@ fn times_weight(
         // Nothing to multiply: skip the dequantization and a zero-sized cuBLAS call.
         return Ok((dev.zeros_impl(&out_shape, lhs.dtype())?, out_shape));
     }
-    let scratch = phases::within("NF4 dequantization", || match lhs.dtype() {
-        DType::F32 => dequantized::<f32>(dev, w),
-        DType::BF16 => dequantized::<bf16>(dev, w),
-        other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
-    })?;
+    let scratch = scratch(op, dev, lhs.dtype(), w)?;
     // candle's matmul runs cuBLAS on its stream, after the dequantization in stream order.
     let out = phases::within("base GEMMs", || {
         lhs.matmul(
@@ -178,19 +174,8 @@ fn add_times_weight_in_place(
     if operands.is_empty() {
         return Ok(()); // Nothing to add: skip the dequantization.
     }
-    if acc.dtype() != lhs.dtype() {
-        candle_core::bail!(
-            "{op}: dtypes {:?} and {:?} differ",
-            acc.dtype(),
-            lhs.dtype()
-        );
-    }
-    let dev = lhs.device().clone();
-    let scratch = phases::within("NF4 dequantization", || match lhs.dtype() {
-        DType::F32 => dequantized::<f32>(&dev, w),
-        DType::BF16 => dequantized::<bf16>(&dev, w),
-        other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
-    })?;
+    // `add_times_weight` checked that `acc` has `lhs`'s dtype.
+    let scratch = scratch(op, lhs.device(), lhs.dtype(), w)?;
     phases::within("base GEMMs", || {
         add_in_place(
             (acc, acc_layout),
@@ -198,6 +183,21 @@ fn add_times_weight_in_place(
             (&scratch, &weight_layout),
             operands,
         )
+    })
+}
+
+/// `W` dequantized into a new scratch buffer of `dtype` (f32 or bf16), to be dropped as soon
+/// as the product that reads it is queued.
+fn scratch(
+    op: &str,
+    dev: &candle_core::CudaDevice,
+    dtype: DType,
+    w: &CudaNf4Weight,
+) -> candle_core::Result<CudaStorage> {
+    phases::within("NF4 dequantization", || match dtype {
+        DType::F32 => dequantized::<f32>(dev, w),
+        DType::BF16 => dequantized::<bf16>(dev, w),
+        other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
     })
 }
 

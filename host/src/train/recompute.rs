@@ -96,23 +96,25 @@ pub fn loss_and_grads(
 
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     for (layer, input) in inputs.into_iter().enumerate().rev() {
-        if let (Some(written_out), true) = (&written_out, layer >= kept_from) {
-            let tape = tapes.pop().context("a kept layer without its tape")?;
-            let layer_grads =
-                model.layer_backward_taped(layer, &input, &positions, tape, &grad_out)?;
-            written_out.add(&mut grads, layer_grads.modules)?;
-            grad_out = layer_grads.input;
-            continue;
-        }
-        let dropout = layer_dropout(layer);
-        let layer_call = with_dropout(*call, dropout.as_ref());
+        let dropout = || layer_dropout(layer);
         if let Some(written_out) = &written_out {
-            let layer_grads =
-                model.layer_backward(layer, &input, &positions, &layer_call, &grad_out)?;
+            let layer_grads = match layer >= kept_from {
+                true => {
+                    let tape = tapes.pop().context("a kept layer without its tape")?;
+                    model.layer_backward_taped(layer, &input, &positions, tape, &grad_out)?
+                }
+                false => {
+                    let dropout = dropout();
+                    let layer_call = with_dropout(*call, dropout.as_ref());
+                    model.layer_backward(layer, &input, &positions, &layer_call, &grad_out)?
+                }
+            };
             written_out.add(&mut grads, layer_grads.modules)?;
             grad_out = layer_grads.input;
             continue;
         }
+        let dropout = dropout();
+        let layer_call = with_dropout(*call, dropout.as_ref());
         let input = Var::from_tensor(&input)?;
         let out = model.layer(layer, input.as_tensor(), &positions, Some(&layer_call))?;
         let store = (out * &grad_out)?.sum_all()?.backward()?;

@@ -174,10 +174,12 @@ mod tests {
                 "{chunks} chunks: forward"
             );
             let ours = backward(&q, &k, &v, tape, weights.clone(), scale).unwrap();
-            for (name, ours, theirs) in [("q", ours.0, &grads[0]), ("k", ours.1, &grads[1])]
-                .into_iter()
-                .chain([("v", ours.2, &grads[2])])
-            {
+            let (d_q, d_k, d_v) = ours;
+            for (name, ours, theirs) in [
+                ("q", d_q, &grads[0]),
+                ("k", d_k, &grads[1]),
+                ("v", d_v, &grads[2]),
+            ] {
                 assert_eq!(ours.dims(), &[b, h, t, hd]);
                 let diff = scaled_diff(&ours, theirs);
                 assert!(diff < 1e-5, "{chunks} chunks: d {name} off by {diff}");
