@@ -141,6 +141,9 @@ pub enum FusionArg {
     /// beta = 1) into the adapter's terms and into the input gradient of the linears that
     /// share an input, rather than the adapter's terms and separate sums added to them.
     BaseAdd,
+    /// In the written-out layer backward, the adapters of linears that share an input (q, k,
+    /// v; gate, up) run their products one by one rather than stacked.
+    LoraStack,
     /// In the written-out layer backward, the causal attention in query chunks that skip the
     /// masked keys (the whole score matrix instead).
     CausalChunks,
@@ -163,6 +166,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::LayerBackward => fusions.layer_backward = false,
             FusionArg::LoraAdd => fusions.lora_add = false,
             FusionArg::BaseAdd => fusions.base_add = false,
+            FusionArg::LoraStack => fusions.lora_stack = false,
             FusionArg::CausalChunks => fusions.causal_chunks = false,
             FusionArg::Adamw => fusions.adamw = false,
         }

@@ -46,14 +46,16 @@ struct AttentionTape<'a> {
     k: Tensor,
     v: Tensor,
     core: attention::Tape,
-    linears: [adapted::Saved<'a>; 4],
+    qkv: adapted::SharedInput<'a>,
+    o: adapted::Saved<'a>,
 }
 
 /// The MLP block's tensors the backward pass reads.
 struct MlpTape<'a> {
     gate: Tensor,
     up: Tensor,
-    linears: [adapted::Saved<'a>; 3],
+    gate_up: adapted::SharedInput<'a>,
+    down: adapted::Saved<'a>,
 }
 
 /// Everything a decoder layer's backward reads from its forward pass (at LLaMA-7B's shape and
@@ -187,13 +189,10 @@ impl Llama {
         let weights = &self.layers[layer];
         let h = rms_norm(x, &weights.input_norm, self.config.rms_norm_eps)?;
         let sums = self.sums();
-        let linear = |kind, input: &Tensor| {
-            let key = Self::key(layer, kind);
-            adapted::forward(weights.linear(kind), key, input, call, sums)
-        };
-        let (q, q_saved) = linear(LinearKind::Q, &h)?;
-        let (k, k_saved) = linear(LinearKind::K, &h)?;
-        let (v, v_saved) = linear(LinearKind::V, &h)?;
+        let linear = |kind| (weights.linear(kind), Self::key(layer, kind));
+        let qkv = [LinearKind::Q, LinearKind::K, LinearKind::V].map(linear);
+        let (outputs, qkv) = adapted::forward_shared(&qkv, &h, call, sums)?;
+        let [q, k, v] = exactly(outputs)?;
         let split = |y: Tensor, n: usize| {
             y.reshape((b, t, n, shape.head_dim))?
                 .transpose(1, 2)?
@@ -210,13 +209,15 @@ impl Llama {
         let attn = attn
             .transpose(1, 2)?
             .reshape((b, t, shape.heads * shape.head_dim))?;
-        let (out, o_saved) = linear(LinearKind::O, &attn)?;
+        let (base, key) = linear(LinearKind::O);
+        let (out, o) = adapted::forward(base, key, &attn, call, sums)?;
         let tape = AttentionTape {
             q,
             k,
             v,
             core,
-            linears: [q_saved, k_saved, v_saved, o_saved],
+            qkv,
+            o,
         };
         Ok(((x + out)?, tape))
     }
@@ -233,8 +234,7 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let shape = self.heads();
-        let [q_saved, k_saved, v_saved, o_saved] = &tape.linears;
-        let d_attn = collect(o_saved.backward(grad_out, None)?, modules);
+        let d_attn = collect(tape.o.backward(grad_out, None)?, modules);
         let d_attn = d_attn
             .reshape((b, t, shape.heads, shape.head_dim))?
             .transpose(1, 2)?
@@ -250,9 +250,8 @@ impl Llama {
         let d_k = merge(d_k, shape.kv_heads)?;
         let d_v = merge(shape.sum_groups(&d_v)?, shape.kv_heads)?;
         // q, k and v read the same input: their input gradients add into one sum.
-        let d_h = collect(q_saved.backward(&d_q, None)?, modules);
-        let d_h = collect(k_saved.backward(&d_k, Some(d_h))?, modules);
-        let d_h = collect(v_saved.backward(&d_v, Some(d_h))?, modules);
+        let (d_h, qkv_modules) = tape.qkv.backward(&[&d_q, &d_k, &d_v])?;
+        modules.extend(qkv_modules);
         let eps = self.config.rms_norm_eps;
         let d_x = rms_norm_backward(x, &self.layers[layer].input_norm, &d_h, eps)?;
         grad_out + d_x
@@ -272,13 +271,12 @@ impl Llama {
         let h = rms_norm(x, &weights.post_norm, self.config.rms_norm_eps)?;
         let sums = self.sums();
         let kind = |k| (weights.linear(k), Self::key(layer, k));
-        let (base, key) = kind(LinearKind::Gate);
-        let (gate, gate_saved) = adapted::forward(base, key, &h, call, sums)?;
-        let (base, key) = kind(LinearKind::Up);
-        let (up, up_saved) = adapted::forward(base, key, &h, call, sums)?;
+        let gate_up = [LinearKind::Gate, LinearKind::Up].map(kind);
+        let (outputs, gate_up) = adapted::forward_shared(&gate_up, &h, call, sums)?;
+        let [gate, up] = exactly(outputs)?;
         let act = swiglu(&gate, &up)?;
         let (base, key) = kind(LinearKind::Down);
-        let (out, down_saved) = match with_output {
+        let (out, down) = match with_output {
             true => {
                 let (down, saved) = adapted::forward(base, key, &act, call, sums)?;
                 (Some((x + down)?), saved)
@@ -288,7 +286,8 @@ impl Llama {
         let tape = MlpTape {
             gate,
             up,
-            linears: [gate_saved, up_saved, down_saved],
+            gate_up,
+            down,
         };
         Ok((out, tape))
     }
@@ -302,12 +301,11 @@ impl Llama {
         grad_out: &Tensor,
         modules: &mut Vec<ModuleGrads>,
     ) -> candle_core::Result<Tensor> {
-        let [gate_saved, up_saved, down_saved] = &tape.linears;
-        let d_act = collect(down_saved.backward(grad_out, None)?, modules);
+        let d_act = collect(tape.down.backward(grad_out, None)?, modules);
         let (d_gate, d_up) = swiglu_backward(&tape.gate, &tape.up, &d_act)?;
         drop((d_act, tape.gate, tape.up));
-        let d_h = collect(gate_saved.backward(&d_gate, None)?, modules);
-        let d_h = collect(up_saved.backward(&d_up, Some(d_h))?, modules);
+        let (d_h, gate_up_modules) = tape.gate_up.backward(&[&d_gate, &d_up])?;
+        modules.extend(gate_up_modules);
         let eps = self.config.rms_norm_eps;
         let d_x = rms_norm_backward(x, &self.layers[layer].post_norm, &d_h, eps)?;
         grad_out + d_x
@@ -318,6 +316,7 @@ impl Llama {
         adapted::Sums {
             lora_add: self.fusions.lora_add,
             base_add: self.fusions.base_add,
+            lora_stack: self.fusions.lora_stack,
         }
     }
 
@@ -366,6 +365,13 @@ impl Heads {
         let (b, _, t, hd) = d.dims4()?;
         d.reshape((b, self.kv_heads, self.group(), t, hd))?.sum(2)
     }
+}
+
+/// The outputs of [`adapted::forward_shared`] as an array of its `N` linears.
+fn exactly<const N: usize>(outputs: Vec<Tensor>) -> candle_core::Result<[Tensor; N]> {
+    let n = outputs.len();
+    <[Tensor; N]>::try_from(outputs)
+        .map_err(|_| candle_core::Error::msg(format!("{n} outputs for {N} linears")))
 }
 
 /// The input gradient of a linear's backward, its module gradients moved into `modules`.
@@ -461,14 +467,21 @@ mod tests {
 
     #[test]
     fn the_written_out_layer_backward_gives_autograds_gradients() {
-        // Each way of summing the base and adapter terms, over both kinds of base linear.
+        // Each way of summing the base and adapter terms, with the shared inputs' adapter
+        // products stacked or not, over both kinds of base linear.
         for (base_add, lora_add) in [(true, true), (true, false), (false, true), (false, false)] {
-            for mut model in [model(), dense_model()] {
-                model.fusions.base_add = base_add;
-                model.fusions.lora_add = lora_add;
-                let dense = matches!(model.layers[0].linears[0], BaseLinear::Dense { .. });
-                let case = format!("base_add {base_add}, lora_add {lora_add}, dense {dense}");
-                layer_backward_matches_autograd(&model, &case);
+            for lora_stack in [true, false] {
+                for mut model in [model(), dense_model()] {
+                    model.fusions.base_add = base_add;
+                    model.fusions.lora_add = lora_add;
+                    model.fusions.lora_stack = lora_stack;
+                    let dense = matches!(model.layers[0].linears[0], BaseLinear::Dense { .. });
+                    let case = format!(
+                        "base_add {base_add}, lora_add {lora_add}, lora_stack {lora_stack}, \
+                         dense {dense}"
+                    );
+                    layer_backward_matches_autograd(&model, &case);
+                }
             }
         }
     }
@@ -541,14 +554,17 @@ mod tests {
     #[test]
     fn the_untracked_forward_is_the_layers_forward() {
         for base_add in [true, false] {
-            for mut model in [model(), dense_model()] {
-                model.fusions.base_add = base_add;
-                untracked_forward_matches(&model);
+            for (lora_stack, with_dropout) in [(true, false), (true, true), (false, false)] {
+                for mut model in [model(), dense_model()] {
+                    model.fusions.base_add = base_add;
+                    model.fusions.lora_stack = lora_stack;
+                    untracked_forward_matches(&model, with_dropout);
+                }
             }
         }
     }
 
-    fn untracked_forward_matches(model: &Llama) {
+    fn untracked_forward_matches(model: &Llama, with_dropout: bool) {
         let adapter = adapter(model);
         let positions = model.positions(5).unwrap();
         let x = random(&[2, 5, 64], 4, -1.0, 1.0);
@@ -557,7 +573,7 @@ mod tests {
             adapter: &adapter,
             rank: 4,
             grad: RankGrad::Last,
-            dropout: Some(d),
+            dropout: with_dropout.then_some(d),
         };
         let theirs = model.layer(0, &x, &positions, Some(&call(&d1))).unwrap();
         let ours = model
@@ -569,6 +585,55 @@ mod tests {
         // The adapter takes part (a model without it gives another output).
         let plain = model.layer(0, &x, &positions, None).unwrap();
         assert!(relative(&plain, &theirs) > 1e-3);
+    }
+
+    /// The linears that share an input run stacked exactly when `lora_stack` is on and there is
+    /// no dropout, and give the same outputs, input gradient and adapter gradients as one by one.
+    #[test]
+    fn shared_input_linears_stack_without_dropout() {
+        let model = model();
+        let adapter = adapter(&model);
+        let linears = [LinearKind::Q, LinearKind::K, LinearKind::V]
+            .map(|kind| (model.layers[0].linear(kind), ModuleKey { layer: 0, kind }));
+        let h = random(&[2, 5, 64], 4, -1.0, 1.0);
+        let d = dropout();
+        let grads: Vec<Tensor> = linears
+            .iter()
+            .enumerate()
+            .map(|(i, (base, _))| random(&[2, 5, base.out_features()], 20 + i as u64, -1.0, 1.0))
+            .collect();
+        let grads: Vec<&Tensor> = grads.iter().collect();
+        let run = |lora_stack: bool, with_dropout: bool| {
+            let call = AdapterCall {
+                adapter: &adapter,
+                rank: 4,
+                grad: RankGrad::Last,
+                dropout: with_dropout.then_some(&d),
+            };
+            let sums = adapted::Sums {
+                lora_add: true,
+                base_add: true,
+                lora_stack,
+            };
+            let (outputs, shared) = adapted::forward_shared(&linears, &h, &call, sums).unwrap();
+            let stacked = shared.is_stacked();
+            let (dx, modules) = shared.backward(&grads).unwrap();
+            (stacked, outputs, dx, modules)
+        };
+        assert!(!run(true, true).0, "stacked with dropout");
+        let (stacked, outputs, dx, modules) = run(true, false);
+        let (alone, outputs_alone, dx_alone, modules_alone) = run(false, false);
+        assert!(stacked && !alone);
+        for (ours, theirs) in outputs.iter().zip(&outputs_alone) {
+            assert!(relative(ours, theirs) < 1e-6);
+        }
+        assert!(relative(&dx, &dx_alone) < 1e-6);
+        assert_eq!(modules.len(), 3);
+        for (ours, theirs) in modules.iter().zip(&modules_alone) {
+            assert_eq!(ours.key, theirs.key);
+            assert!(relative(&ours.a, &theirs.a) < 1e-6, "{:?}", ours.key);
+            assert!(relative(&ours.b, &theirs.b) < 1e-6, "{:?}", ours.key);
+        }
     }
 
     #[test]

@@ -60,6 +60,13 @@ pub struct Fusions {
     /// writing the base's output again); the input gradients of the linears that share an input
     /// added into one sum the same way. No effect without `layer_backward`.
     pub base_add: bool,
+    /// In the written-out layer backward, the adapters of the linears that read one input
+    /// (q, k, v; gate, up) multiply it by their stacked `A`s in one product, and their
+    /// input-gradient terms come from one product over the stacked ranks: the shared input
+    /// read once instead of once per linear, and one input-gradient term written instead of
+    /// one written and others added. Only without dropout (each module draws its own mask).
+    /// No effect without `layer_backward`.
+    pub lora_stack: bool,
     /// In the written-out layer backward, the causal attention in query chunks that multiply
     /// and keep only the keys they see (`crate::model::backward`'s `attention`): about 5/8 of
     /// the whole score matrix's products and traffic at 4 chunks. No effect without
@@ -82,6 +89,7 @@ impl Fusions {
         layer_backward: true,
         lora_add: true,
         base_add: true,
+        lora_stack: true,
         causal_chunks: true,
         adamw: true,
     };
@@ -96,6 +104,7 @@ impl Fusions {
         layer_backward: false,
         lora_add: false,
         base_add: false,
+        lora_stack: false,
         causal_chunks: false,
         adamw: false,
     };
