@@ -789,43 +789,77 @@ fn rms_norm_kernels_match<T: Stored>(
 
 #[test]
 fn rope_matches_the_cpu_rows_bit_for_bit() {
-    // (rows before the positions, t, d, grid): the grid `elementwise_grid` gives, and smaller
-    // ones so the loop wraps.
+    // (batch rows, heads, t, d, grid): the grid `elementwise_grid` gives, and smaller ones so
+    // the loop wraps. Each in the three row orders the model uses: in place (the heads folded
+    // into the leading rows), a linear's output split into heads, and heads merged back.
     let cases = [
-        (1, 1, 2, 1),
-        (6, 7, 10, 1),
-        (4, 33, 128, 3),
-        (2, 50, 64, 13),
+        (1, 1, 1, 2, 1),
+        (2, 3, 7, 10, 1),
+        (1, 4, 33, 128, 3),
+        (2, 1, 50, 64, 13),
+        (3, 5, 6, 8, 2),
     ];
-    for (seed, &(outer, t, d, grid)) in cases.iter().enumerate() {
+    let orders = [
+        (rope::RowOrder::Heads, rope::RowOrder::Heads),
+        (rope::RowOrder::Tokens, rope::RowOrder::Heads),
+        (rope::RowOrder::Heads, rope::RowOrder::Tokens),
+    ];
+    for (seed, &(batch, heads, t, d, grid)) in cases.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(400 + seed as u64);
         let half = d / 2;
-        let x: Vec<f32> = (0..outer * t * d)
+        let x: Vec<f32> = (0..batch * heads * t * d)
             .map(|_| rng.random_range(-3.0f32..3.0))
             .collect();
         let angle = |i: usize| (i / half) as f32 * 0.3f32.powf((i % half) as f32 / half as f32);
         let cos: Vec<f32> = (0..t * half).map(|i| angle(i).cos()).collect();
         let sin: Vec<f32> = (0..t * half).map(|i| angle(i).sin()).collect();
-        let case = format!("[{outer}, {t}, {d}], grid {grid}");
-        rope_kernel_matches(&x, &cos, &sin, t, grid, &case);
-        rope_kernel_matches(&to_bf16(&x), &to_bf16(&cos), &to_bf16(&sin), t, grid, &case);
+        for (input, output) in orders {
+            let rows = match input == output {
+                true => rope::Rows::in_place_order(t),
+                false => rope::Rows {
+                    t,
+                    heads,
+                    input,
+                    output,
+                },
+            };
+            let case = format!("[{batch}, {heads}, {t}, {d}] {input:?} to {output:?}, grid {grid}");
+            rope_kernel_matches(&x, &cos, &sin, rows, grid, &case);
+            rope_kernel_matches(
+                &to_bf16(&x),
+                &to_bf16(&cos),
+                &to_bf16(&sin),
+                rows,
+                grid,
+                &case,
+            );
+        }
     }
 }
 
 /// The RoPE kernel in `T`, both directions, against the CPU rows.
-fn rope_kernel_matches<T: Stored>(x: &[T], cos: &[T], sin: &[T], t: usize, grid: u32, case: &str) {
-    let half = cos.len() / t;
+fn rope_kernel_matches<T: Stored>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    rows: rope::Rows,
+    grid: u32,
+    case: &str,
+) {
+    let half = cos.len() / rows.t;
     for direction in [rope::Direction::Forward, rope::Direction::Inverse] {
         let mut want = vec![T::narrow(0.0); x.len()];
-        rope::rotate_rows(x, cos, sin, &mut want, t, direction.sign());
+        rope::rotate_rows(x, cos, sin, &mut want, rows, direction.sign());
         let args = [
             Arg::Buf(T::to_bytes(x)),
             Arg::Buf(T::to_bytes(cos)),
             Arg::Buf(T::to_bytes(sin)),
             Arg::Buf(vec![0xff; T::SIZE * x.len()]),
             Arg::U64((x.len() / 2) as u64),
-            Arg::U32(t as u32),
+            Arg::U32(rows.t as u32),
             Arg::U32(half as u32),
+            Arg::U32(rows.heads as u32),
+            Arg::U32(rows.order_bits()),
             Arg::F32(direction.sign()),
         ];
         let kernel = format!("rope_{}", T::SUFFIX);

@@ -127,6 +127,9 @@ pub enum FusionArg {
     RmsNorm,
     /// The rotary position embedding.
     Rope,
+    /// In the written-out layer backward, RoPE splitting and merging the heads as it rotates
+    /// (a copy, then the rotation, instead).
+    RopeHeads,
     /// The loss's log-softmax over the vocabulary.
     CrossEntropy,
     /// The LoRA path's scale on the rank-wide product (a reordering, not a kernel).
@@ -161,6 +164,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::Swiglu => fusions.swiglu = false,
             FusionArg::RmsNorm => fusions.rms_norm = false,
             FusionArg::Rope => fusions.rope = false,
+            FusionArg::RopeHeads => fusions.rope_heads = false,
             FusionArg::CrossEntropy => fusions.cross_entropy = false,
             FusionArg::LoraScale => fusions.lora_scale = false,
             FusionArg::LayerBackward => fusions.layer_backward = false,

@@ -5,7 +5,7 @@ use candle_core::{CudaStorage, Layout};
 
 use super::fused::{FusedKernel, Param, Scalar, elementwise_grid, expect_lengths};
 use super::kernels::ROPE;
-use crate::model::fused::rope::Direction;
+use crate::model::fused::rope::{Direction, Rows};
 
 const ROTATE: FusedKernel = FusedKernel {
     source: &ROPE,
@@ -17,18 +17,20 @@ const ROTATE: FusedKernel = FusedKernel {
 /// A tensor's storage and layout.
 type Input<'a> = (&'a CudaStorage, &'a Layout);
 
-/// `x` (contiguous, rows of `d` at positions `row % t`) rotated by the `[t, d/2]` tables
-/// `(cos, sin)`, in `direction`.
+/// `x` (contiguous, rows of `d` ordered as `rows.input` says) rotated by the `[t, d/2]` tables
+/// `(cos, sin)`, in `direction`, written in `rows.output`'s order.
 pub fn rotate(
     x: Input<'_>,
     tables: [Input<'_>; 2],
-    t: usize,
+    rows: Rows,
     d: usize,
     direction: Direction,
 ) -> candle_core::Result<CudaStorage> {
     let len = x.1.shape().elem_count();
-    if t == 0 || d == 0 || !d.is_multiple_of(2) || !len.is_multiple_of(t * d) {
-        candle_core::bail!("rope: {len} values are not [..., {t}, {d}] with an even {d}");
+    let (t, heads) = (rows.t, rows.heads);
+    if t == 0 || heads == 0 || d == 0 || !d.is_multiple_of(2) || !len.is_multiple_of(t * heads * d)
+    {
+        candle_core::bail!("rope: {len} values are not [..., {heads} x {t}, {d}] with an even {d}");
     }
     expect_lengths("rope", &tables, t * d / 2)?;
     let small =
@@ -38,11 +40,14 @@ pub fn rotate(
         Scalar::U64(pairs as u64),
         Scalar::U32(small(t)?),
         Scalar::U32(small(d / 2)?),
+        Scalar::U32(small(heads)?),
+        Scalar::U32(rows.order_bits()),
         Scalar::F32(direction.sign()),
     ];
     let [cos, sin] = tables;
-    // SAFETY: `rope_*(x, cos, sin, out, pairs, t, half, sign)` reads and writes `2 * pairs`
-    // values of x and out and `t * half` of each table (checked above: x is whole rows of
-    // `2 * half` at positions below t).
+    // SAFETY: `rope_*(x, cos, sin, out, pairs, t, half, heads, orders, sign)` reads and writes
+    // `2 * pairs` values of x and out (each output row reads one input row of the same whole
+    // `[heads, t]` batch row) and `t * half` of each table (checked above: x is whole batch
+    // rows of `heads * t` rows of `2 * half`).
     unsafe { ROTATE.launch(&[x, cos, sin], len, &scalars, elementwise_grid(pairs)) }
 }

@@ -21,7 +21,7 @@ use qdylora_core::infer::LinearKind;
 pub use adapted::ModuleGrads;
 
 use super::fused::rms_norm::{rms_norm, rms_norm_backward};
-use super::fused::rope::{rope, rope_backward};
+use super::fused::rope::{rope, rope_backward, rope_backward_merge_heads, rope_split_heads};
 use super::fused::swiglu::{swiglu, swiglu_backward};
 use super::llama::{Llama, Positions, repeat_kv};
 use super::lora::{AdapterCall, ModuleKey};
@@ -199,8 +199,13 @@ impl Llama {
                 .contiguous()
         };
         let (cos, sin) = positions.rope_tables();
-        let q = rope(&split(q, shape.heads)?, cos, sin)?;
-        let k = repeat_kv(&rope(&split(k, shape.kv_heads)?, cos, sin)?, shape.group())?;
+        // RoPE splitting the heads as it rotates writes q and k once, not copied then rotated.
+        let rotate = |y: Tensor, n: usize| match self.fusions.rope_heads {
+            true => rope_split_heads(&y, n, cos, sin),
+            false => rope(&split(y, n)?, cos, sin),
+        };
+        let q = rotate(q, shape.heads)?;
+        let k = repeat_kv(&rotate(k, shape.kv_heads)?, shape.group())?;
         let v = repeat_kv(&split(v, shape.kv_heads)?, shape.group())?;
         let chunks = self.attention_chunks();
         let (attn, core) = phases::within(ATTENTION, || {
@@ -244,11 +249,17 @@ impl Llama {
             attention::backward(q, k, v, tape.core, d_attn, shape.softmax_scale())
         })?;
         let (cos, sin) = positions.rope_tables();
-        let merge = |d: Tensor, n: usize| d.transpose(1, 2)?.reshape((b, t, n * shape.head_dim));
-        let d_q = merge(rope_backward(&d_q, cos, sin)?, shape.heads)?;
-        let d_k = rope_backward(&shape.sum_groups(&d_k)?, cos, sin)?;
-        let d_k = merge(d_k, shape.kv_heads)?;
-        let d_v = merge(shape.sum_groups(&d_v)?, shape.kv_heads)?;
+        let merge = |d: Tensor| {
+            let (_, n, _, hd) = d.dims4()?;
+            d.transpose(1, 2)?.reshape((b, t, n * hd))
+        };
+        let rotate_back = |d: Tensor| match self.fusions.rope_heads {
+            true => rope_backward_merge_heads(&d, cos, sin),
+            false => merge(rope_backward(&d, cos, sin)?),
+        };
+        let d_q = rotate_back(d_q)?;
+        let d_k = rotate_back(shape.sum_groups(&d_k)?)?;
+        let d_v = merge(shape.sum_groups(&d_v)?)?;
         // q, k and v read the same input: their input gradients add into one sum.
         let (d_h, qkv_modules) = tape.qkv.backward(&[&d_q, &d_k, &d_v])?;
         modules.extend(qkv_modules);
@@ -468,18 +479,18 @@ mod tests {
     #[test]
     fn the_written_out_layer_backward_gives_autograds_gradients() {
         // Each way of summing the base and adapter terms, with the shared inputs' adapter
-        // products stacked or not, over both kinds of base linear.
-        for (base_add, lora_add) in [(true, true), (true, false), (false, true), (false, false)] {
-            for lora_stack in [true, false] {
+        // products stacked or not and RoPE moving the heads or not, over both kinds of base
+        // linear.
+        let sums = [(true, true), (true, false), (false, true), (false, false)];
+        let others = [(true, true), (true, false), (false, true), (false, false)];
+        for (base_add, lora_add) in sums {
+            for (lora_stack, rope_heads) in others {
                 for mut model in [model(), dense_model()] {
-                    model.fusions.base_add = base_add;
-                    model.fusions.lora_add = lora_add;
-                    model.fusions.lora_stack = lora_stack;
+                    let f = &mut model.fusions;
+                    (f.base_add, f.lora_add) = (base_add, lora_add);
+                    (f.lora_stack, f.rope_heads) = (lora_stack, rope_heads);
                     let dense = matches!(model.layers[0].linears[0], BaseLinear::Dense { .. });
-                    let case = format!(
-                        "base_add {base_add}, lora_add {lora_add}, lora_stack {lora_stack}, \
-                         dense {dense}"
-                    );
+                    let case = format!("{:?}, dense {dense}", model.fusions);
                     layer_backward_matches_autograd(&model, &case);
                 }
             }

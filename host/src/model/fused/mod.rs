@@ -37,6 +37,10 @@ pub struct Fusions {
     pub rms_norm: bool,
     /// The rotary position embedding of queries and keys ([`rope::rope`]).
     pub rope: bool,
+    /// In the written-out layer backward, RoPE splitting q and k into heads as it rotates them
+    /// (and merging their gradients back as it rotates those): one pass each instead of a copy
+    /// and a rotation ([`rope::rope_split_heads`]). No effect without `layer_backward`.
+    pub rope_heads: bool,
     /// The loss's log-softmax and target pick over the vocabulary
     /// ([`cross_entropy::cross_entropy`]).
     pub cross_entropy: bool,
@@ -84,6 +88,7 @@ impl Fusions {
         swiglu: true,
         rms_norm: true,
         rope: true,
+        rope_heads: true,
         cross_entropy: true,
         lora_scale: true,
         layer_backward: true,
@@ -99,6 +104,7 @@ impl Fusions {
         swiglu: false,
         rms_norm: false,
         rope: false,
+        rope_heads: false,
         cross_entropy: false,
         lora_scale: false,
         layer_backward: false,

@@ -8,6 +8,11 @@
 //! float type), so the backward is the forward kernel with a sign. The CPU loop below is the
 //! reference the CUDA kernel (`gpu/rope.cu`) mirrors formula for formula: with no
 //! transcendental inside, they agree bit for bit.
+//!
+//! The written-out layer backward also rotates while it moves rows between a linear's output
+//! order `[b, t, heads, d]` and the attention's `[b, heads, t, d]`
+//! ([`rope_split_heads`], [`rope_backward_merge_heads`]): the copy that splits or merges the
+//! heads is then the rotation's own read and write, not a pass of its own.
 
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -32,9 +37,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     x.contiguous()?.apply_op3(
         &cos.contiguous()?,
         &sin.contiguous()?,
-        Rope {
-            direction: Direction::Forward,
-        },
+        Rope::in_place_order(Direction::Forward),
     )
 }
 
@@ -52,7 +55,48 @@ fn rotate_no_grad(
     direction: Direction,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?.to_dtype(cos.dtype())?;
-    x.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Rope { direction })
+    let op = Rope::in_place_order(direction);
+    x.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)
+}
+
+/// A linear's output `y: [b, t, heads · d]` split into heads and rotated: `[b, heads, t, d]`,
+/// the same values as [`rope`] of the split heads, in one pass. Records no autograd graph (for
+/// the written-out layer backward, whose gradient is [`rope_backward_merge_heads`]).
+pub fn rope_split_heads(
+    y: &Tensor,
+    heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, t, width) = y.dims3()?;
+    if heads == 0 || !width.is_multiple_of(heads) {
+        candle_core::bail!("rope: {width} features are not {heads} heads");
+    }
+    let y = y.contiguous()?.reshape((b, t, heads, width / heads))?;
+    let op = Rope {
+        direction: Direction::Forward,
+        input: RowOrder::Tokens,
+        output: RowOrder::Heads,
+    };
+    y.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)
+}
+
+/// The gradient of [`rope_split_heads`]: `grad: [b, heads, t, d]` (rounded to the tables'
+/// dtype) rotated back and its heads merged, `[b, t, heads · d]`, in one pass.
+pub fn rope_backward_merge_heads(
+    grad: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, heads, t, d) = grad.dims4()?;
+    let grad = grad.contiguous()?.to_dtype(cos.dtype())?;
+    let op = Rope {
+        direction: Direction::Inverse,
+        input: RowOrder::Heads,
+        output: RowOrder::Tokens,
+    };
+    let merged = grad.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
+    merged.reshape((b, t, heads * d))
 }
 
 /// The chain [`rope`] replaces (kept for the before/after measurement).
@@ -100,14 +144,80 @@ impl Direction {
     }
 }
 
-/// Rotates whole rows of `d` values: row `r` is position `r % t` of the tables.
-pub fn rotate_rows<T: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [T], t: usize, sign: f32) {
-    let half = cos.len() / t;
+/// The order of a tensor's rows of `d` values: how its `b`, `heads` and `t` indices nest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOrder {
+    /// `[b, heads, t, d]`: the attention's order (and any `[..., t, d]`, as one head).
+    Heads,
+    /// `[b, t, heads, d]`: a linear's output `[b, t, heads · d]`.
+    Tokens,
+}
+
+/// Where the rows of a rotation come from and go: `t` positions, `heads` heads, and the input's
+/// and output's row orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rows {
+    /// Positions (the tables' rows).
+    pub t: usize,
+    /// Heads per batch row (1 when both orders are the same: then any leading dims).
+    pub heads: usize,
+    /// The input's row order.
+    pub input: RowOrder,
+    /// The output's row order.
+    pub output: RowOrder,
+}
+
+impl Rows {
+    /// Rows of `[..., t, d]` rotated where they are.
+    pub fn in_place_order(t: usize) -> Self {
+        Self {
+            t,
+            heads: 1,
+            input: RowOrder::Heads,
+            output: RowOrder::Heads,
+        }
+    }
+
+    /// The orders as `rope.cu`'s `orders` argument: bit 0 the input in the tokens order, bit 1
+    /// the output.
+    pub fn order_bits(&self) -> u32 {
+        u32::from(self.input == RowOrder::Tokens)
+            | (u32::from(self.output == RowOrder::Tokens) << 1)
+    }
+
+    /// For output row `row`: the input row it rotates and its position (as `rope.cu`).
+    pub fn source(&self, row: usize) -> (usize, usize) {
+        let (t, heads) = (self.t, self.heads);
+        let b = row / (t * heads);
+        let (head, p) = match self.output {
+            RowOrder::Heads => ((row / t) % heads, row % t),
+            RowOrder::Tokens => (row % heads, (row / heads) % t),
+        };
+        let input = match self.input {
+            RowOrder::Heads => (b * heads + head) * t + p,
+            RowOrder::Tokens => (b * t + p) * heads + head,
+        };
+        (input, p)
+    }
+}
+
+/// Rotates whole rows of `d` values: output row `r` is input row `rows.source(r)`, at that
+/// position of the tables.
+pub fn rotate_rows<T: Element>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    out: &mut [T],
+    rows: Rows,
+    sign: f32,
+) {
+    let half = cos.len() / rows.t;
     out.par_chunks_mut(2 * half)
-        .zip(x.par_chunks(2 * half))
         .enumerate()
-        .for_each(|(row, (o, x))| {
-            let p = (row % t) * half;
+        .for_each(|(row, o)| {
+            let (source, p) = rows.source(row);
+            let x = &x[source * 2 * half..(source + 1) * 2 * half];
+            let p = p * half;
             let (o1, o2) = o.split_at_mut(half);
             let (x1, x2) = x.split_at(half);
             for j in 0..half {
@@ -119,9 +229,52 @@ pub fn rotate_rows<T: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [T], t: 
         });
 }
 
-/// `(x or grad, cos, sin) -> rotated`.
+/// `(x or grad, cos, sin) -> rotated`, the rows moved from the `input` order to the `output`
+/// order.
 struct Rope {
     direction: Direction,
+    input: RowOrder,
+    output: RowOrder,
+}
+
+impl Rope {
+    /// Rows rotated where they are.
+    fn in_place_order(direction: Direction) -> Self {
+        Self {
+            direction,
+            input: RowOrder::Heads,
+            output: RowOrder::Heads,
+        }
+    }
+
+    /// The rows and output shape for `x`'s dims and the tables' (`[t, d/2]` each).
+    fn rows(
+        &self,
+        x: &[usize],
+        cos: &[usize],
+        sin: &[usize],
+    ) -> candle_core::Result<(Rows, Shape)> {
+        if self.input == self.output {
+            let (t, _) = check_shapes(x, cos, sin)?;
+            return Ok((Rows::in_place_order(t), Shape::from(x)));
+        }
+        // [b, s1, s2, d] -> [b, s2, s1, d]: positions are s1 going to the heads order.
+        let &[b, s1, s2, d] = x else {
+            candle_core::bail!("rope: moving rows between orders needs [b, ., ., d], got {x:?}");
+        };
+        let (t, heads) = match self.input {
+            RowOrder::Tokens => (s1, s2),
+            RowOrder::Heads => (s2, s1),
+        };
+        check_shapes(&[t, d], cos, sin)?;
+        let rows = Rows {
+            t,
+            heads,
+            input: self.input,
+            output: self.output,
+        };
+        Ok((rows, Shape::from((b, s2, s1, d))))
+    }
 }
 
 impl CustomOp3 for Rope {
@@ -138,13 +291,13 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (t, _) = check_shapes(l1.dims(), l2.dims(), l3.dims())?;
+        let (rows, shape) = self.rows(l1.dims(), l2.dims(), l3.dims())?;
         let inputs = cpu_inputs(self.name(), &[(s1, l1), (s2, l2), (s3, l3)])?;
         let sign = self.direction.sign();
         let out = each_dtype!(inputs, |v, out| rotate_rows(
-            v[0], v[1], v[2], &mut out, t, sign
+            v[0], v[1], v[2], &mut out, rows, sign
         ));
-        Ok((out, l1.shape().clone()))
+        Ok((out, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -157,10 +310,11 @@ impl CustomOp3 for Rope {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (t, d) = check_shapes(l1.dims(), l2.dims(), l3.dims())?;
+        let (rows, shape) = self.rows(l1.dims(), l2.dims(), l3.dims())?;
+        let d = shape.dims().last().copied().unwrap_or_default();
         let tables = [(s2, l2), (s3, l3)];
-        let out = crate::gpu::rope::rotate((s1, l1), tables, t, d, self.direction)?;
-        Ok((out, l1.shape().clone()))
+        let out = crate::gpu::rope::rotate((s1, l1), tables, rows, d, self.direction)?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -171,6 +325,9 @@ impl CustomOp3 for Rope {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.input != self.output {
+            candle_core::bail!("rope: the ops that move rows between orders record no graph");
+        }
         let inverse = match self.direction {
             Direction::Forward => Direction::Inverse,
             Direction::Inverse => Direction::Forward,
@@ -251,6 +408,45 @@ mod tests {
         let back = rope_backward(&there, &cos, &sin).unwrap();
         assert!(scaled_diff(&back, &x) < 1e-6);
         assert!(scaled_diff(&there, &x) > 0.1, "the tables rotate something");
+    }
+
+    /// Splitting a linear's output into heads while rotating gives `rope` of the split heads,
+    /// and the merging backward gives the merged `rope_backward`, bit for bit.
+    #[test]
+    fn splitting_and_merging_heads_is_the_same_rotation() {
+        let (b, t, heads, d) = (2, 5, 3, 8);
+        for dtype in [DType::F32, DType::BF16] {
+            let (cos, sin) = tables(t, d / 2, dtype);
+            let y = bf16_exact(&[b, t, heads * d], 7, 3.0, dtype);
+            let split = y
+                .reshape((b, t, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let want = rope(&split, &cos, &sin).unwrap();
+            let ours = rope_split_heads(&y, heads, &cos, &sin).unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            assert_eq!(scaled_diff(&ours, &want), 0.0, "{dtype:?} split");
+            assert!(!ours.track_op());
+
+            let grad = bf16_exact(&[b, heads, t, d], 8, 2.0, dtype);
+            let want = rope_backward(&grad, &cos, &sin)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, heads * d))
+                .unwrap();
+            let ours = rope_backward_merge_heads(&grad, &cos, &sin).unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            assert_eq!(scaled_diff(&ours, &want), 0.0, "{dtype:?} merge");
+        }
+        // Features that are not whole heads.
+        let (cos, sin) = tables(t, d / 2, DType::F32);
+        let y = bf16_exact(&[b, t, heads * d + 1], 7, 3.0, DType::F32);
+        assert!(rope_split_heads(&y, heads, &cos, &sin).is_err());
+        assert!(rope_split_heads(&y, 0, &cos, &sin).is_err());
     }
 
     #[test]
