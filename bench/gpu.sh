@@ -25,8 +25,9 @@
 #   UNFUSE                              train: the fused ops to measure "before", one run
 #                                       of ours each with that op switched off (default
 #                                       "layer-backward lora-add base-add lora-stack
-#                                       rope-heads causal-chunks adamw softmax swiglu
-#                                       rms-norm rope cross-entropy lora-scale all"; empty
+#                                       rope-heads residual-norm swiglu-grads causal-chunks
+#                                       adamw softmax swiglu rms-norm rope cross-entropy
+#                                       lora-scale all"; empty
 #                                       for none). The
 #                                       written-out layer backward needs the fused ops, so a
 #                                       row with one of them off runs autograd: compare it
@@ -129,7 +130,7 @@ if [[ "$mode" == train ]]; then
         # Each fusion's "before": the same run with that op unfused; and the same run with
         # cudarc's event tracking left on (it is off by default, see gpu/device.rs).
         befores=()
-        for off in ${UNFUSE-layer-backward lora-add base-add lora-stack rope-heads causal-chunks adamw softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
+        for off in ${UNFUSE-layer-backward lora-add base-add lora-stack rope-heads residual-norm swiglu-grads causal-chunks adamw softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
             befores+=("--unfuse $off")
         done
         for keep in ${KEEP-0 4}; do

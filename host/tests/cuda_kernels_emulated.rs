@@ -646,12 +646,13 @@ impl Stored for bf16 {
     }
 }
 
-/// The forward and both gradient kernels of SwiGLU in `T` against the CPU values, bit for bit.
+/// The forward and the gradient kernels of SwiGLU in `T` (each gradient alone, and both in one
+/// pass) against the CPU values, bit for bit.
 fn swiglu_kernels_match<T: Stored>(gate: &[T], up: &[T], grad: &[T], grid: u32, case: &str) {
     let n = gate.len();
     let check = |pass: &str, inputs: &[&[T]], want: &[T]| {
         let mut args: Vec<Arg> = inputs.iter().map(|v| Arg::Buf(T::to_bytes(v))).collect();
-        args.push(Arg::Buf(vec![0xff; T::SIZE * n]));
+        args.push(Arg::Buf(vec![0xff; T::SIZE * want.len()]));
         args.push(Arg::U64(n as u64));
         let kernel = format!("swiglu_{pass}_{}", T::SUFFIX);
         let out = &launch(&kernel, grid, ELEMENTWISE_BLOCK, &args)[inputs.len()];
@@ -664,6 +665,9 @@ fn swiglu_kernels_match<T: Stored>(gate: &[T], up: &[T], grad: &[T], grid: u32, 
     check("bwd_gate", &[gate, up, grad], &want);
     swiglu::grad_up_values(gate, grad, &mut want);
     check("bwd_up", &[gate, grad], &want);
+    let mut want = vec![T::narrow(0.0); 2 * n];
+    swiglu::grads_values(gate, up, grad, &mut want);
+    check("bwd", &[gate, up, grad], &want);
 }
 
 // ---- RMSNorm (rms_norm.cu) against model::fused::rms_norm's rows: the same formulas, the
@@ -691,6 +695,18 @@ fn rms_norm_matches_the_cpu_rows() {
             .collect();
         let case = format!("{rows} rows of {n}");
         rms_norm_kernels_match(&x, &w, &grad, n, 0.0, &case);
+        let y: Vec<f32> = (0..rows * n)
+            .map(|_| rng.random_range(-4.0f32..4.0))
+            .collect();
+        residual_kernels_match(&x, &y, &w, &grad, n, &case);
+        residual_kernels_match(
+            &to_bf16(&x),
+            &to_bf16(&y),
+            &to_bf16(&w),
+            &to_bf16(&grad),
+            n,
+            &case,
+        );
         // bf16: the forward rounds twice (before and after the weight, as transformers does),
         // so a last-bit difference in the statistic can move it two steps; the backward once.
         rms_norm_kernels_match(
@@ -781,6 +797,47 @@ fn rms_norm_kernels_match<T: Stored>(
             (got[i] - want[i]).abs() <= step * want[i].abs() + 1e-5 * terms
         },
         |i| format!("[{i}] got {:e} want {:e}", got[i], want[i]),
+    );
+}
+
+/// The RMSNorm kernels with a residual sum against the plain ones, bit for bit: the forward's
+/// first half is `x + y` rounded to `T` (the CPU's), its second half `rms_norm_fwd` of that
+/// sum; the backward is `y + round(rms_norm_bwd)`, with `y` as the residual gradient. (The
+/// plain kernels are held to the CPU rows by `rms_norm_kernels_match`.)
+fn residual_kernels_match<T: Stored>(x: &[T], y: &[T], w: &[T], grad: &[T], n: usize, case: &str) {
+    const EPS: f32 = 1e-5;
+    let len = x.len();
+    let rows = len / n;
+    let grid = u32::try_from(rows.div_ceil(4)).unwrap();
+    let run = |kernel: &str, inputs: &[&[T]], out_len: usize| -> Vec<T> {
+        let mut args: Vec<Arg> = inputs.iter().map(|v| Arg::Buf(T::to_bytes(v))).collect();
+        args.push(Arg::Buf(vec![0xff; T::SIZE * out_len]));
+        args.extend([Arg::U32(rows as u32), Arg::U32(n as u32), Arg::F32(EPS)]);
+        let kernel = format!("{kernel}_{}", T::SUFFIX);
+        T::from_bytes(&launch(&kernel, grid, SOFTMAX_BLOCK, &args)[inputs.len()])
+    };
+    let sum: Vec<T> = x
+        .iter()
+        .zip(y)
+        .map(|(a, b)| T::narrow(a.widen() + b.widen()))
+        .collect();
+    let both = run("residual_rms_norm_fwd", &[x, y, w], 2 * len);
+    let what = format!("residual_rms_norm_fwd_{}, {case}", T::SUFFIX);
+    T::same_bits(&format!("{what}: the sum"), &both[..len], &sum);
+    let normed = run("rms_norm_fwd", &[&sum, w], len);
+    T::same_bits(&format!("{what}: the norm"), &both[len..], &normed);
+
+    let dx = run("rms_norm_bwd", &[x, w, grad], len);
+    let want: Vec<T> = y
+        .iter()
+        .zip(&dx)
+        .map(|(r, d)| T::narrow(r.widen() + d.widen()))
+        .collect();
+    let got = run("rms_norm_bwd_add", &[x, w, grad, y], len);
+    T::same_bits(
+        &format!("rms_norm_bwd_add_{}, {case}", T::SUFFIX),
+        &got,
+        &want,
     );
 }
 
@@ -1091,6 +1148,27 @@ fn the_kernels_have_no_data_race() {
         Sanitizer::Thread,
         "causal_softmax_bwd_f32",
         case.grid(),
+        SOFTMAX_BLOCK,
+        &args,
+    )
+    .unwrap();
+
+    // The residual norm reads back the sums its lanes wrote (each lane its own: no barrier).
+    let (rows, n) = (5, 200);
+    let x: Vec<f32> = (0..rows * n).map(|i| (i % 13) as f32 * 0.5 - 3.0).collect();
+    let args = [
+        Arg::Buf(f32_bytes(&x)),
+        Arg::Buf(f32_bytes(&x)),
+        Arg::Buf(f32_bytes(&x[..n])),
+        Arg::Buf(vec![0xff; 4 * 2 * x.len()]),
+        Arg::U32(rows as u32),
+        Arg::U32(n as u32),
+        Arg::F32(1e-5),
+    ];
+    try_launch(
+        Sanitizer::Thread,
+        "residual_rms_norm_fwd_f32",
+        2,
         SOFTMAX_BLOCK,
         &args,
     )

@@ -130,6 +130,12 @@ pub enum FusionArg {
     /// In the written-out layer backward, RoPE splitting and merging the heads as it rotates
     /// (a copy, then the rotation, instead).
     RopeHeads,
+    /// In the written-out layer backward, the residual sums next to the RMSNorms fused into
+    /// the norms' kernels, forward and backward (separate sums instead).
+    ResidualNorm,
+    /// In the written-out layer backward, SwiGLU's two gradients in one pass (one pass each
+    /// instead).
+    SwigluGrads,
     /// The loss's log-softmax over the vocabulary.
     CrossEntropy,
     /// The LoRA path's scale on the rank-wide product (a reordering, not a kernel).
@@ -165,6 +171,8 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::RmsNorm => fusions.rms_norm = false,
             FusionArg::Rope => fusions.rope = false,
             FusionArg::RopeHeads => fusions.rope_heads = false,
+            FusionArg::ResidualNorm => fusions.residual_norm = false,
+            FusionArg::SwigluGrads => fusions.swiglu_grads = false,
             FusionArg::CrossEntropy => fusions.cross_entropy = false,
             FusionArg::LoraScale => fusions.lora_scale = false,
             FusionArg::LayerBackward => fusions.layer_backward = false,

@@ -148,9 +148,22 @@ mod tests {
             ),
             (
                 &SWIGLU,
-                &["swiglu_fwd_", "swiglu_bwd_gate_", "swiglu_bwd_up_"],
+                &[
+                    "swiglu_fwd_",
+                    "swiglu_bwd_gate_",
+                    "swiglu_bwd_up_",
+                    "swiglu_bwd_",
+                ],
             ),
-            (&RMS_NORM, &["rms_norm_fwd_", "rms_norm_bwd_"]),
+            (
+                &RMS_NORM,
+                &[
+                    "rms_norm_fwd_",
+                    "rms_norm_bwd_",
+                    "residual_rms_norm_fwd_",
+                    "rms_norm_bwd_add_",
+                ],
+            ),
             (&ADAMW, &["adamw_moment", "adamw_param"]),
             (&ROPE, &["rope_"]),
             (

@@ -37,23 +37,29 @@ __device__ __forceinline__ float rounded(const u16*, float v) {
     return __uint_as_float((u32)bf16_bits_rne(v) << 16);
 }
 
-// out = round(round(x * r) * w): transformers rounds to the input dtype before the weight.
+// One row: o = round(round(x * r) * w): transformers rounds to the input dtype before the
+// weight.
 template <typename T>
-__device__ void rms_norm_fwd(const T* x, const T* weight, T* out, u32 rows, u32 n, float eps) {
-    u64 row;
-    if (!norm_row(rows, &row)) return;
-    const T* xr = x + row * n;
-    T* o = out + row * n;
+__device__ void normed_row(const T* xr, const T* weight, T* o, u32 n, float eps) {
     const float r = inverse_rms(xr, n, eps);
     for (u32 j = threadIdx.x % WARP; j < n; j += WARP) {
         store(o, j, rounded(xr, load(xr, j) * r) * load(weight, j));
     }
 }
 
-// dx = r * g - x * r^3 * sum(g * x) / n, with g = grad * weight.
 template <typename T>
-__device__ void rms_norm_bwd(const T* x, const T* weight, const T* grad, T* out, u32 rows, u32 n,
-                             float eps) {
+__device__ void rms_norm_fwd(const T* x, const T* weight, T* out, u32 rows, u32 n, float eps) {
+    u64 row;
+    if (!norm_row(rows, &row)) return;
+    normed_row(x + row * n, weight, out + row * n, n, eps);
+}
+
+// dx = r * g - x * r^3 * sum(g * x) / n, with g = grad * weight; with a residual (not null),
+// out = residual + round(dx) instead: the gradient of a residual block's input in one pass,
+// where unfused the norm's gradient is written, then read again with the residual's and summed.
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const T* weight, const T* grad, const T* residual,
+                             T* out, u32 rows, u32 n, float eps) {
     u64 row;
     if (!norm_row(rows, &row)) return;
     const T* xr = x + row * n;
@@ -66,8 +72,27 @@ __device__ void rms_norm_bwd(const T* x, const T* weight, const T* grad, T* out,
     }
     const float c = warp_sum(acc) * r * r * r / (float)n;
     for (u32 j = threadIdx.x % WARP; j < n; j += WARP) {
-        store(o, j, r * (load(gr, j) * load(weight, j)) - load(xr, j) * c);
+        const float dx = r * (load(gr, j) * load(weight, j)) - load(xr, j) * c;
+        store(o, j, residual == nullptr ? dx : load(residual + row * n, j) + rounded(xr, dx));
     }
+}
+
+// A residual sum and the norm that reads it: out[0, rows * n) = s = round(x + y), and
+// out[rows * n, 2 rows * n) = rms_norm_fwd of s. The norm reads s back from the sum's rows as
+// stored: each lane reads the values it wrote itself, so no barrier is needed, and the norm
+// sees the rounded sum, as the unfused add then norm do.
+template <typename T>
+__device__ void residual_rms_norm_fwd(const T* x, const T* y, const T* weight, T* out, u32 rows,
+                                      u32 n, float eps) {
+    u64 row;
+    if (!norm_row(rows, &row)) return;
+    const T* xr = x + row * n;
+    const T* yr = y + row * n;
+    T* s = out + row * n;
+    for (u32 j = threadIdx.x % WARP; j < n; j += WARP) {
+        store(s, j, load(xr, j) + load(yr, j));
+    }
+    normed_row((const T*)s, weight, out + ((u64)rows + row) * n, n, eps);
 }
 
 extern "C" __global__ void rms_norm_fwd_f32(const float* x, const float* weight, float* out,
@@ -81,9 +106,29 @@ extern "C" __global__ void rms_norm_fwd_bf16(const u16* x, const u16* weight, u1
 extern "C" __global__ void rms_norm_bwd_f32(const float* x, const float* weight,
                                             const float* grad, float* out, u32 rows, u32 n,
                                             float eps) {
-    rms_norm_bwd(x, weight, grad, out, rows, n, eps);
+    rms_norm_bwd(x, weight, grad, (const float*)nullptr, out, rows, n, eps);
 }
 extern "C" __global__ void rms_norm_bwd_bf16(const u16* x, const u16* weight, const u16* grad,
                                              u16* out, u32 rows, u32 n, float eps) {
-    rms_norm_bwd(x, weight, grad, out, rows, n, eps);
+    rms_norm_bwd(x, weight, grad, (const u16*)nullptr, out, rows, n, eps);
+}
+extern "C" __global__ void residual_rms_norm_fwd_f32(const float* x, const float* y,
+                                                     const float* weight, float* out, u32 rows,
+                                                     u32 n, float eps) {
+    residual_rms_norm_fwd(x, y, weight, out, rows, n, eps);
+}
+extern "C" __global__ void residual_rms_norm_fwd_bf16(const u16* x, const u16* y,
+                                                      const u16* weight, u16* out, u32 rows,
+                                                      u32 n, float eps) {
+    residual_rms_norm_fwd(x, y, weight, out, rows, n, eps);
+}
+extern "C" __global__ void rms_norm_bwd_add_f32(const float* x, const float* weight,
+                                                const float* grad, const float* residual,
+                                                float* out, u32 rows, u32 n, float eps) {
+    rms_norm_bwd(x, weight, grad, residual, out, rows, n, eps);
+}
+extern "C" __global__ void rms_norm_bwd_add_bf16(const u16* x, const u16* weight, const u16* grad,
+                                                 const u16* residual, u16* out, u32 rows, u32 n,
+                                                 float eps) {
+    rms_norm_bwd(x, weight, grad, residual, out, rows, n, eps);
 }

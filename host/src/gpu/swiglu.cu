@@ -41,6 +41,21 @@ __device__ void swiglu_bwd_up(const T* gate, const T* grad, T* out, u64 n) {
     }
 }
 
+// Both gradients in one pass: d gate into out[0, n), d up into out[n, 2n). The two kernels
+// above read gate and grad each (and up once) and write one gradient each; this one reads the
+// three inputs once. Same formulas, so the same bits as the pair.
+template <typename T>
+__device__ void swiglu_bwd(const T* gate, const T* up, const T* grad, T* out, u64 n) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float g = load(gate, i);
+        const float d = load(grad, i);
+        const float s = sigmoid(g);
+        store(out, i, d * load(up, i) * (s * (1.0f + g * (1.0f - s))));
+        store(out, n + i, d * (g * s));
+    }
+}
+
 extern "C" __global__ void swiglu_fwd_f32(const float* gate, const float* up, float* out, u64 n) {
     swiglu_fwd(gate, up, out, n);
 }
@@ -61,4 +76,12 @@ extern "C" __global__ void swiglu_bwd_up_f32(const float* gate, const float* gra
 }
 extern "C" __global__ void swiglu_bwd_up_bf16(const u16* gate, const u16* grad, u16* out, u64 n) {
     swiglu_bwd_up(gate, grad, out, n);
+}
+extern "C" __global__ void swiglu_bwd_f32(const float* gate, const float* up, const float* grad,
+                                          float* out, u64 n) {
+    swiglu_bwd(gate, up, grad, out, n);
+}
+extern "C" __global__ void swiglu_bwd_bf16(const u16* gate, const u16* up, const u16* grad,
+                                           u16* out, u64 n) {
+    swiglu_bwd(gate, up, grad, out, n);
 }

@@ -20,9 +20,11 @@ use qdylora_core::infer::LinearKind;
 
 pub use adapted::ModuleGrads;
 
-use super::fused::rms_norm::{rms_norm, rms_norm_backward};
+use super::fused::rms_norm::{
+    residual_rms_norm, rms_norm, rms_norm_backward, rms_norm_backward_add,
+};
 use super::fused::rope::{rope, rope_backward, rope_backward_merge_heads, rope_split_heads};
-use super::fused::swiglu::{swiglu, swiglu_backward};
+use super::fused::swiglu::{swiglu, swiglu_backward, swiglu_backward_two_pass};
 use super::llama::{Llama, Positions, repeat_kv};
 use super::lora::{AdapterCall, ModuleKey};
 use crate::phases;
@@ -88,13 +90,7 @@ impl Llama {
         grad_out: &Tensor,
     ) -> candle_core::Result<LayerGrads> {
         self.check_layer_backward()?;
-        let (mid, attention) = self.attention_tape(layer, x, positions, call)?;
-        let (_, mlp) = self.mlp_tape(layer, &mid, call, false)?;
-        let tape = LayerTape {
-            mid,
-            attention,
-            mlp,
-        };
+        let (_, tape) = self.tape(layer, x, positions, call, false)?;
         self.layer_backward_taped(layer, x, positions, tape, grad_out)
     }
 
@@ -150,10 +146,35 @@ impl Llama {
         positions: &Positions,
         call: &AdapterCall<'_>,
     ) -> candle_core::Result<(Tensor, LayerTape<'a>)> {
-        let (mid, attention) = self.attention_tape(layer, x, positions, call)?;
-        let (out, mlp) = self.mlp_tape(layer, &mid, call, true)?;
+        let (out, tape) = self.tape(layer, x, positions, call, true)?;
         let out =
             out.ok_or_else(|| candle_core::Error::msg("the MLP block was asked for its output"))?;
+        Ok((out, tape))
+    }
+
+    /// The layer's forward, keeping its tape; the output only `with_output` (see
+    /// [`Llama::mlp_tape`]).
+    fn tape<'a>(
+        &'a self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Positions,
+        call: &AdapterCall<'_>,
+        with_output: bool,
+    ) -> candle_core::Result<(Option<Tensor>, LayerTape<'a>)> {
+        let (attention_out, attention) = self.attention_tape(layer, x, positions, call)?;
+        // The attention block's residual sum, and the MLP block's norm that reads it.
+        let post_norm = &self.layers[layer].post_norm;
+        let eps = self.config.rms_norm_eps;
+        let (mid, h) = match self.fusions.residual_norm {
+            true => residual_rms_norm(x, &attention_out, post_norm, eps)?,
+            false => {
+                let mid = (x + attention_out)?;
+                let h = rms_norm(&mid, post_norm, eps)?;
+                (mid, h)
+            }
+        };
+        let (out, mlp) = self.mlp_tape(layer, &mid, &h, call, with_output)?;
         let tape = LayerTape {
             mid,
             attention,
@@ -176,7 +197,8 @@ impl Llama {
         ModuleKey { layer, kind }
     }
 
-    /// The attention block's forward (as `Llama::layer`'s), keeping its tape.
+    /// The attention block's forward (as `Llama::layer`'s) without its residual sum: the output
+    /// projection's output, and the tape.
     fn attention_tape<'a>(
         &'a self,
         layer: usize,
@@ -224,7 +246,7 @@ impl Llama {
             qkv,
             o,
         };
-        Ok(((x + out)?, tape))
+        Ok((out, tape))
     }
 
     /// The attention block's backward: `d x` for `d out`, with `x` the block's input.
@@ -263,27 +285,26 @@ impl Llama {
         // q, k and v read the same input: their input gradients add into one sum.
         let (d_h, qkv_modules) = tape.qkv.backward(&[&d_q, &d_k, &d_v])?;
         modules.extend(qkv_modules);
-        let eps = self.config.rms_norm_eps;
-        let d_x = rms_norm_backward(x, &self.layers[layer].input_norm, &d_h, eps)?;
-        grad_out + d_x
+        self.norm_backward_add(x, &self.layers[layer].input_norm, &d_h, grad_out)
     }
 
-    /// The MLP block's forward, keeping its tape. The block's output is computed only
-    /// `with_output`: the recomputed forward's backward never reads it, so there the last
-    /// linear's base product and the residual sum are skipped.
+    /// The MLP block's forward for its input `x` and that input normed, `h`, keeping its tape.
+    /// The block's output is computed only `with_output`: the recomputed forward's backward
+    /// never reads it, so there the last linear's base product and the residual sum are
+    /// skipped.
     fn mlp_tape<'a>(
         &'a self,
         layer: usize,
         x: &Tensor,
+        h: &Tensor,
         call: &AdapterCall<'_>,
         with_output: bool,
     ) -> candle_core::Result<(Option<Tensor>, MlpTape<'a>)> {
         let weights = &self.layers[layer];
-        let h = rms_norm(x, &weights.post_norm, self.config.rms_norm_eps)?;
         let sums = self.sums();
         let kind = |k| (weights.linear(k), Self::key(layer, k));
         let gate_up = [LinearKind::Gate, LinearKind::Up].map(kind);
-        let (outputs, gate_up) = adapted::forward_shared(&gate_up, &h, call, sums)?;
+        let (outputs, gate_up) = adapted::forward_shared(&gate_up, h, call, sums)?;
         let [gate, up] = exactly(outputs)?;
         let act = swiglu(&gate, &up)?;
         let (base, key) = kind(LinearKind::Down);
@@ -313,13 +334,30 @@ impl Llama {
         modules: &mut Vec<ModuleGrads>,
     ) -> candle_core::Result<Tensor> {
         let d_act = collect(tape.down.backward(grad_out, None)?, modules);
-        let (d_gate, d_up) = swiglu_backward(&tape.gate, &tape.up, &d_act)?;
+        let (d_gate, d_up) = match self.fusions.swiglu_grads {
+            true => swiglu_backward(&tape.gate, &tape.up, &d_act)?,
+            false => swiglu_backward_two_pass(&tape.gate, &tape.up, &d_act)?,
+        };
         drop((d_act, tape.gate, tape.up));
         let (d_h, gate_up_modules) = tape.gate_up.backward(&[&d_gate, &d_up])?;
         modules.extend(gate_up_modules);
+        self.norm_backward_add(x, &self.layers[layer].post_norm, &d_h, grad_out)
+    }
+
+    /// A block's input gradient: `residual` (the block output's gradient, through the skip
+    /// connection) plus the norm's gradient for `d_h`, the gradient of `x` normed by `weight`.
+    fn norm_backward_add(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        d_h: &Tensor,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_norm_eps;
-        let d_x = rms_norm_backward(x, &self.layers[layer].post_norm, &d_h, eps)?;
-        grad_out + d_x
+        match self.fusions.residual_norm {
+            true => rms_norm_backward_add(x, weight, d_h, residual, eps),
+            false => residual + rms_norm_backward(x, weight, d_h, eps)?,
+        }
     }
 
     /// How each linear sums its base and adapter terms.
@@ -479,16 +517,23 @@ mod tests {
     #[test]
     fn the_written_out_layer_backward_gives_autograds_gradients() {
         // Each way of summing the base and adapter terms, with the shared inputs' adapter
-        // products stacked or not and RoPE moving the heads or not, over both kinds of base
-        // linear.
+        // products stacked or not, RoPE moving the heads or not, the residual sums in the
+        // norms' kernels or not and SwiGLU's gradients in one pass or two (each of these on
+        // and off twice in each of the four sum settings), over both kinds of base linear.
         let sums = [(true, true), (true, false), (false, true), (false, false)];
-        let others = [(true, true), (true, false), (false, true), (false, false)];
+        let others = [
+            [true, true, true, true],
+            [true, false, false, true],
+            [false, true, true, false],
+            [false, false, false, false],
+        ];
         for (base_add, lora_add) in sums {
-            for (lora_stack, rope_heads) in others {
+            for [lora_stack, rope_heads, residual_norm, swiglu_grads] in others {
                 for mut model in [model(), dense_model()] {
                     let f = &mut model.fusions;
                     (f.base_add, f.lora_add) = (base_add, lora_add);
                     (f.lora_stack, f.rope_heads) = (lora_stack, rope_heads);
+                    (f.residual_norm, f.swiglu_grads) = (residual_norm, swiglu_grads);
                     let dense = matches!(model.layers[0].linears[0], BaseLinear::Dense { .. });
                     let case = format!("{:?}, dense {dense}", model.fusions);
                     layer_backward_matches_autograd(&model, &case);
@@ -565,10 +610,16 @@ mod tests {
     #[test]
     fn the_untracked_forward_is_the_layers_forward() {
         for base_add in [true, false] {
-            for (lora_stack, with_dropout) in [(true, false), (true, true), (false, false)] {
+            let settings = [
+                (true, false, true),
+                (true, true, false),
+                (false, false, true),
+            ];
+            for (lora_stack, with_dropout, residual_norm) in settings {
                 for mut model in [model(), dense_model()] {
                     model.fusions.base_add = base_add;
                     model.fusions.lora_stack = lora_stack;
+                    model.fusions.residual_norm = residual_norm;
                     untracked_forward_matches(&model, with_dropout);
                 }
             }

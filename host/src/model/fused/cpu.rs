@@ -91,17 +91,21 @@ pub enum Inputs<'a> {
 }
 
 /// Runs `$body` with `$v` bound to the inputs' slices and `$out` to a new output of their
-/// dtype, and returns the output as storage.
+/// dtype, as long as the first input (or `$len` values, an expression that may read `$v`),
+/// and returns the output as storage.
 macro_rules! each_dtype {
     ($inputs:expr, |$v:ident, $out:ident| $body:expr) => {
+        $crate::model::fused::cpu::each_dtype!($inputs, len = $v[0].len(), |$v, $out| $body)
+    };
+    ($inputs:expr, len = $len:expr, |$v:ident, $out:ident| $body:expr) => {
         match $inputs {
             $crate::model::fused::cpu::Inputs::F32($v) => {
-                let mut $out = vec![0f32; $v[0].len()];
+                let mut $out = vec![0f32; $len];
                 $body;
                 candle_core::CpuStorage::F32($out)
             }
             $crate::model::fused::cpu::Inputs::Bf16($v) => {
-                let mut $out = vec![half::bf16::ZERO; $v[0].len()];
+                let mut $out = vec![half::bf16::ZERO; $len];
                 $body;
                 candle_core::CpuStorage::BF16($out)
             }

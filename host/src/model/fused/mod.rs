@@ -25,6 +25,15 @@ fn common_shape<'a>(op: &str, layouts: &[&'a Layout]) -> candle_core::Result<&'a
     Ok(first)
 }
 
+/// `[2, dims...]`: the shape of an op's two outputs of `shape` written into one buffer (the
+/// op's caller splits it with `get(0)`, `get(1)`: views, no copy). candle's custom ops return
+/// one tensor; a kernel that makes two writes both in one pass this way.
+fn stacked(shape: &Shape) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(shape.dims());
+    Shape::from(dims)
+}
+
 /// Which fused ops the model uses. All on by default; the benchmark switches them off one at a
 /// time to measure what each one gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -41,6 +50,16 @@ pub struct Fusions {
     /// (and merging their gradients back as it rotates those): one pass each instead of a copy
     /// and a rotation ([`rope::rope_split_heads`]). No effect without `layer_backward`.
     pub rope_heads: bool,
+    /// In the written-out layer backward, each residual sum that an RMSNorm reads next (or
+    /// whose gradient meets the norm's) fused into the norm's pass: the attention block's
+    /// output sum and the MLP's input norm in one kernel ([`rms_norm::residual_rms_norm`]),
+    /// and each block's input gradient as the norm's gradient plus the residual's in one
+    /// ([`rms_norm::rms_norm_backward_add`]). No effect without `layer_backward`.
+    pub residual_norm: bool,
+    /// In the written-out layer backward, SwiGLU's two gradients from one pass over its
+    /// inputs ([`swiglu::swiglu_backward`]) instead of one pass each. No effect without
+    /// `layer_backward` (autograd's backward of [`swiglu::swiglu`] always takes the one pass).
+    pub swiglu_grads: bool,
     /// The loss's log-softmax and target pick over the vocabulary
     /// ([`cross_entropy::cross_entropy`]).
     pub cross_entropy: bool,
@@ -89,6 +108,8 @@ impl Fusions {
         rms_norm: true,
         rope: true,
         rope_heads: true,
+        residual_norm: true,
+        swiglu_grads: true,
         cross_entropy: true,
         lora_scale: true,
         layer_backward: true,
@@ -105,6 +126,8 @@ impl Fusions {
         rms_norm: false,
         rope: false,
         rope_heads: false,
+        residual_norm: false,
+        swiglu_grads: false,
         cross_entropy: false,
         lora_scale: false,
         layer_backward: false,

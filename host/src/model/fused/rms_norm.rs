@@ -9,7 +9,7 @@
 //! by candle's ops: it is a sum over all rows, a different kernel shape). The CPU rows below
 //! are the reference the CUDA kernels (`gpu/rms_norm.cu`) mirror formula for formula.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{Element, cpu_inputs, each_dtype};
@@ -39,6 +39,56 @@ pub fn rms_norm_backward(
     let grad = grad.contiguous()?.to_dtype(x.dtype())?;
     x.contiguous()?
         .apply_op3_no_bwd(&weight.contiguous()?, &grad, &RmsNormGrad { eps })
+}
+
+/// `(x + y, rms_norm(x + y, weight))` in one pass for `x`, `y: [..., n]` of one dtype: a
+/// residual sum and the norm that reads it, as a decoder layer's attention block ends and its
+/// MLP block begins. The sum is rounded to the dtype before the norm reads it (as candle's
+/// `x + y` then [`rms_norm`]: the same bits). The two are views of one buffer `[2, ...]` (the
+/// sum first). Records no autograd graph.
+pub fn residual_rms_norm(
+    x: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    row_len(x.dims(), weight.dims())?;
+    if x.dims() != y.dims() || x.dtype() != y.dtype() || x.dtype() != weight.dtype() {
+        candle_core::bail!(
+            "residual rms norm: x {:?} {:?}, y {:?} {:?}, weight {:?}",
+            x.dims(),
+            x.dtype(),
+            y.dims(),
+            y.dtype(),
+            weight.dtype()
+        );
+    }
+    let both = x.contiguous()?.apply_op3_no_bwd(
+        &y.contiguous()?,
+        &weight.contiguous()?,
+        &ResidualRmsNorm { eps },
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// `residual + d x` in one pass, `d x` being [`rms_norm_backward`]'s: the gradient of a
+/// residual block's input, where the norm's gradient and the block's skip connection meet.
+/// `d x` is rounded to `x`'s dtype before the sum (as the unfused sum of the two: the same
+/// bits); `grad` and `residual` are rounded to it first. Records no autograd graph.
+pub fn rms_norm_backward_add(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    residual: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let grad = grad.contiguous()?.to_dtype(x.dtype())?;
+    let residual = residual.contiguous()?.to_dtype(x.dtype())?;
+    let op = RmsNormGradAdd {
+        eps,
+        weight: weight.contiguous()?,
+    };
+    x.contiguous()?.apply_op3_no_bwd(&grad, &residual, &op)
 }
 
 /// The chain [`rms_norm`] replaces (kept for the before/after measurement).
@@ -98,6 +148,31 @@ pub fn backward_rows<T: Element>(x: &[T], weight: &[T], grad: &[T], out: &mut [T
                 *o = T::narrow(r * scaled(g, w) - v.widen() * c);
             }
         });
+}
+
+/// [`forward_rows`] of `x + y` (rounded to `T`): `out[..len]` the sum, `out[len..]` the
+/// norm (`out` twice the inputs' length).
+pub fn residual_forward_rows<T: Element>(x: &[T], y: &[T], weight: &[T], out: &mut [T], eps: f32) {
+    let (sum, normed) = out.split_at_mut(x.len());
+    sum.par_iter_mut()
+        .zip(x.par_iter().zip(y))
+        .for_each(|(s, (x, y))| *s = T::narrow(x.widen() + y.widen()));
+    forward_rows(sum, weight, normed, eps);
+}
+
+/// `residual + round(d x)` over whole rows, `d x` as [`backward_rows`] gives it.
+pub fn backward_add_rows<T: Element>(
+    x: &[T],
+    weight: &[T],
+    grad: &[T],
+    residual: &[T],
+    out: &mut [T],
+    eps: f32,
+) {
+    backward_rows(x, weight, grad, out, eps);
+    out.par_iter_mut()
+        .zip(residual)
+        .for_each(|(o, r)| *o = T::narrow(r.widen() + o.widen()));
 }
 
 struct RmsNorm {
@@ -216,6 +291,116 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
+/// `(x, y, weight) -> [x + y, rms_norm(x + y)]`.
+struct ResidualRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for ResidualRmsNorm {
+    fn name(&self) -> &'static str {
+        "residual-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        row_len(l1.dims(), l3.dims())?;
+        let shape = super::common_shape(self.name(), &[l1, l2])?;
+        let inputs = cpu_inputs(self.name(), &[(s1, l1), (s2, l2), (s3, l3)])?;
+        let out = each_dtype!(
+            inputs,
+            len = 2 * v[0].len(),
+            |v, out| residual_forward_rows(v[0], v[1], v[2], &mut out, self.eps)
+        );
+        Ok((out, super::stacked(shape)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let n = row_len(l1.dims(), l3.dims())?;
+        let shape = super::common_shape(self.name(), &[l1, l2])?;
+        let out =
+            crate::gpu::rms_norm::residual_forward((s1, l1), (s2, l2), (s3, l3), n, self.eps)?;
+        Ok((out, super::stacked(shape)))
+    }
+}
+
+/// `(x, grad, residual) -> residual + d x`, with the norm's weight held here: candle's custom
+/// ops take at most three tensors.
+struct RmsNormGradAdd {
+    eps: f32,
+    weight: Tensor,
+}
+
+impl CustomOp3 for RmsNormGradAdd {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (weight, wl) = self.weight.storage_and_layout();
+        let Storage::Cpu(weight) = &*weight else {
+            candle_core::bail!("{}: the weight is not on the CPU", self.name());
+        };
+        row_len(l1.dims(), wl.dims())?;
+        let shape = super::common_shape(self.name(), &[l1, l2, l3])?.clone();
+        let inputs = cpu_inputs(self.name(), &[(s1, l1), (weight, wl), (s2, l2), (s3, l3)])?;
+        let out = each_dtype!(inputs, |v, out| backward_add_rows(
+            v[0], v[1], v[2], v[3], &mut out, self.eps
+        ));
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (weight, wl) = self.weight.storage_and_layout();
+        let Storage::Cuda(weight) = &*weight else {
+            candle_core::bail!("{}: the weight is not on the GPU", self.name());
+        };
+        let n = row_len(l1.dims(), wl.dims())?;
+        let shape = super::common_shape(self.name(), &[l1, l2, l3])?.clone();
+        let out = crate::gpu::rms_norm::backward_add(
+            (s1, l1),
+            (weight, wl),
+            (s2, l2),
+            (s3, l3),
+            n,
+            self.eps,
+        )?;
+        Ok((out, shape))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{bf16_exact, scaled_diff, weighted_sum_grads};
@@ -263,6 +448,60 @@ mod tests {
             "d x: {ours} vs candle {theirs}"
         );
         assert!(scaled_diff(&fused[2], &reference[2]) < 1e-2);
+    }
+
+    /// The residual sum and its norm in one pass are `x + y` and `rms_norm` of it, bit for bit.
+    #[test]
+    fn the_residual_sum_and_its_norm_are_the_unfused_pair() {
+        for dtype in [DType::F32, DType::BF16] {
+            let dims = [2, 3, 67];
+            let (x, y) = (
+                bf16_exact(&dims, 1, 3.0, dtype),
+                bf16_exact(&dims, 2, 3.0, dtype),
+            );
+            let w = bf16_exact(&[67], 3, 3.0, dtype);
+            let (sum, normed) = residual_rms_norm(&x, &y, &w, EPS).unwrap();
+            let want_sum = (&x + &y).unwrap();
+            let want_normed = rms_norm(&want_sum, &w, EPS).unwrap();
+            for (name, ours, want) in [("sum", sum, want_sum), ("norm", normed, want_normed)] {
+                assert_eq!(ours.dims(), &dims, "{dtype:?} {name}");
+                assert_eq!(ours.dtype(), dtype, "{dtype:?} {name}");
+                assert_eq!(scaled_diff(&ours, &want), 0.0, "{dtype:?} {name}");
+            }
+        }
+        let x = bf16_exact(&[2, 8], 0, 3.0, DType::F32);
+        let w = bf16_exact(&[8], 0, 3.0, DType::F32);
+        let short = bf16_exact(&[2, 7], 0, 3.0, DType::F32);
+        assert!(residual_rms_norm(&x, &short, &w, EPS).is_err());
+        let other = x.to_dtype(DType::BF16).unwrap();
+        assert!(residual_rms_norm(&x, &other, &w, EPS).is_err());
+        assert!(residual_rms_norm(&x, &x, &bf16_exact(&[7], 0, 3.0, DType::F32), EPS).is_err());
+    }
+
+    /// The norm's gradient plus the residual's in one pass is their unfused sum, bit for bit.
+    #[test]
+    fn the_norm_gradient_plus_the_residual_is_the_unfused_sum() {
+        for dtype in [DType::F32, DType::BF16] {
+            let dims = [2, 3, 67];
+            let x = bf16_exact(&dims, 1, 3.0, dtype);
+            let w = bf16_exact(&[67], 2, 3.0, dtype);
+            let (grad, residual) = (
+                bf16_exact(&dims, 3, 1.0, dtype),
+                bf16_exact(&dims, 4, 1.0, dtype),
+            );
+            let ours = rms_norm_backward_add(&x, &w, &grad, &residual, EPS).unwrap();
+            let want = (&residual + rms_norm_backward(&x, &w, &grad, EPS).unwrap()).unwrap();
+            assert_eq!(ours.dims(), &dims);
+            assert_eq!(ours.dtype(), dtype);
+            assert_eq!(scaled_diff(&ours, &want), 0.0, "{dtype:?}");
+        }
+        let x = bf16_exact(&[2, 8], 0, 3.0, DType::F32);
+        let short = bf16_exact(&[2, 7], 0, 3.0, DType::F32);
+        let w = bf16_exact(&[8], 0, 3.0, DType::F32);
+        assert!(rms_norm_backward_add(&x, &w, &x, &short, EPS).is_err());
+        assert!(
+            rms_norm_backward_add(&x, &bf16_exact(&[7], 0, 3.0, DType::F32), &x, &x, EPS).is_err()
+        );
     }
 
     #[test]

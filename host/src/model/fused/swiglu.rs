@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{Element, cpu_pass, each_dtype};
+use super::cpu::{Element, cpu_inputs, cpu_pass, each_dtype};
 
 /// `silu(gate) · up`, differentiable in both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
@@ -23,17 +23,40 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The gradients of [`swiglu`] with respect to `gate` and `up`, for `grad` (any float dtype,
-/// rounded to theirs). Records no autograd graph.
+/// rounded to theirs), in one pass over the three inputs. Records no autograd graph. The two
+/// gradients are views of one buffer `[2, ...]` (`d gate` first).
 pub fn swiglu_backward(
     gate: &Tensor,
     up: &Tensor,
     grad: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let grad = grad.contiguous()?.to_dtype(gate.dtype())?;
+    let (gate, up, grad) = grad_inputs(gate, up, grad)?;
+    let both = gate.apply_op3_no_bwd(&up, &grad, &SwigluGrad(Wrt::Both))?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// [`swiglu_backward`] as two passes, one per gradient (the same values; kept for the
+/// before/after measurement).
+pub fn swiglu_backward_two_pass(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (gate, up, grad) = grad_inputs(gate, up, grad)?;
     let d_gate = gate.apply_op3_no_bwd(&up, &grad, &SwigluGrad(Wrt::Gate))?;
     let d_up = gate.apply_op3_no_bwd(&up, &grad, &SwigluGrad(Wrt::Up))?;
     Ok((d_gate, d_up))
+}
+
+/// The gradient kernels' inputs: contiguous, `grad` in the activations' dtype.
+fn grad_inputs(
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let grad = grad.contiguous()?.to_dtype(gate.dtype())?;
+    Ok((gate, up, grad))
 }
 
 /// The chain [`swiglu`] replaces (kept for the before/after measurement).
@@ -76,11 +99,21 @@ pub fn grad_up_values<T: Element>(gate: &[T], grad: &[T], out: &mut [T]) {
         });
 }
 
+/// `out[..n] = d gate`, `out[n..] = d up` (`out` twice the inputs' length): both gradients
+/// from one read of the inputs.
+pub fn grads_values<T: Element>(gate: &[T], up: &[T], grad: &[T], out: &mut [T]) {
+    let (d_gate, d_up) = out.split_at_mut(gate.len());
+    grad_gate_values(gate, up, grad, d_gate);
+    grad_up_values(gate, grad, d_up);
+}
+
 /// Which gradient [`SwigluGrad`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wrt {
     Gate,
     Up,
+    /// Both, stacked: `[2, ...]`.
+    Both,
 }
 
 struct Swiglu;
@@ -146,10 +179,19 @@ impl CustomOp3 for SwigluGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let wrt = self.0;
-        cpu_pass(self.name(), &[(s1, l1), (s2, l2), (s3, l3)], |inputs| {
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        if wrt == Wrt::Both {
+            let shape = super::common_shape(self.name(), &[l1, l2, l3])?;
+            let inputs = cpu_inputs(self.name(), &inputs)?;
+            let out = each_dtype!(inputs, len = 2 * v[0].len(), |v, out| grads_values(
+                v[0], v[1], v[2], &mut out
+            ));
+            return Ok((out, super::stacked(shape)));
+        }
+        cpu_pass(self.name(), &inputs, |inputs| {
             each_dtype!(inputs, |v, out| match wrt {
                 Wrt::Gate => grad_gate_values(v[0], v[1], v[2], &mut out),
-                Wrt::Up => grad_up_values(v[0], v[2], &mut out),
+                _ => grad_up_values(v[0], v[2], &mut out),
             })
         })
     }
@@ -169,6 +211,10 @@ impl CustomOp3 for SwigluGrad {
         let out = match self.0 {
             Wrt::Gate => run(Pass::GradGate, &[(s1, l1), (s2, l2), (s3, l3)], n)?,
             Wrt::Up => run(Pass::GradUp, &[(s1, l1), (s3, l3)], n)?,
+            Wrt::Both => {
+                let out = run(Pass::Grads, &[(s1, l1), (s2, l2), (s3, l3)], n)?;
+                return Ok((out, super::stacked(l1.shape())));
+            }
         };
         Ok((out, l1.shape().clone()))
     }
@@ -221,6 +267,27 @@ mod tests {
                 ours < 4e-3 && ours <= theirs,
                 "output/grad {i}: {ours} vs candle {theirs}"
             );
+        }
+    }
+
+    /// The one-pass gradients are the two passes' values, in order, shaped like the inputs.
+    #[test]
+    fn both_gradients_in_one_pass_are_the_two_passes_values() {
+        for dtype in [DType::F32, DType::BF16] {
+            let dims = [2, 3, 41];
+            let (gate, up) = (
+                bf16_exact(&dims, 1, 6.0, dtype),
+                bf16_exact(&dims, 2, 6.0, dtype),
+            );
+            // An f32 gradient, rounded to the inputs' dtype by both.
+            let grad = bf16_exact(&dims, 3, 2.0, DType::F32);
+            let (d_gate, d_up) = swiglu_backward(&gate, &up, &grad).unwrap();
+            let (want_gate, want_up) = swiglu_backward_two_pass(&gate, &up, &grad).unwrap();
+            for (name, ours, want) in [("gate", d_gate, want_gate), ("up", d_up, want_up)] {
+                assert_eq!(ours.dims(), &dims, "{dtype:?} d {name}");
+                assert_eq!(ours.dtype(), dtype, "{dtype:?} d {name}");
+                assert_eq!(scaled_diff(&ours, &want), 0.0, "{dtype:?} d {name}");
+            }
         }
     }
 
