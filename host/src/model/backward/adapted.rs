@@ -344,6 +344,17 @@ impl Saved<'_> {
         let d_a = matmul(&lora.learning_columns(&d_product)?, &lora.input)?;
         Ok((dx, Some(lora.grads(&dy, d_a)?)))
     }
+
+    /// `acc + lhs · rhs` for `acc: [..., n]` (whose rows `lhs: [rows, k]` lists), fused or not.
+    fn add_product(&self, acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> {
+        let shape = acc.shape().clone();
+        let acc = acc.reshape((lhs.dim(0)?, rhs.dim(1)?))?;
+        let sum = match self.sums.lora_add {
+            true => add_product(acc, lhs, rhs)?,
+            false => (acc + matmul(lhs, rhs)?)?,
+        };
+        sum.reshape(shape)
+    }
 }
 
 impl LoraSaved {
@@ -462,18 +473,5 @@ impl SharedInput<'_> {
         }
         let dx = phases::within(LORA, || first.add_product(sum, &d_stacked, stacked_a))?;
         Ok((dx, modules))
-    }
-}
-
-impl Saved<'_> {
-    /// `acc + lhs · rhs` for `acc: [..., n]` (whose rows `lhs: [rows, k]` lists), fused or not.
-    fn add_product(&self, acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> candle_core::Result<Tensor> {
-        let shape = acc.shape().clone();
-        let acc = acc.reshape((lhs.dim(0)?, rhs.dim(1)?))?;
-        let sum = match self.sums.lora_add {
-            true => add_product(acc, lhs, rhs)?,
-            false => (acc + matmul(lhs, rhs)?)?,
-        };
-        sum.reshape(shape)
     }
 }
