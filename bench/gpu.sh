@@ -26,9 +26,8 @@
 #                                       of ours each with that op switched off (default
 #                                       "layer-backward lora-add base-add lora-stack
 #                                       rope-heads residual-norm swiglu-grads causal-chunks
-#                                       adamw softmax swiglu rms-norm rope cross-entropy
-#                                       lora-scale all"; empty
-#                                       for none). The
+#                                       adamw adamw-multi softmax swiglu rms-norm rope
+#                                       cross-entropy lora-scale all"; empty for none). The
 #                                       written-out layer backward needs the fused ops, so a
 #                                       row with one of them off runs autograd: compare it
 #                                       with the layer-backward row
@@ -130,7 +129,7 @@ if [[ "$mode" == train ]]; then
         # Each fusion's "before": the same run with that op unfused; and the same run with
         # cudarc's event tracking left on (it is off by default, see gpu/device.rs).
         befores=()
-        for off in ${UNFUSE-layer-backward lora-add base-add lora-stack rope-heads residual-norm swiglu-grads causal-chunks adamw softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
+        for off in ${UNFUSE-layer-backward lora-add base-add lora-stack rope-heads residual-norm swiglu-grads causal-chunks adamw adamw-multi softmax swiglu rms-norm rope cross-entropy lora-scale all}; do
             befores+=("--unfuse $off")
         done
         for keep in ${KEEP-0 4}; do
@@ -271,8 +270,9 @@ for case, ref_name in (("base", "base_f32"), ("adapter", "base_f32_plus_adapter"
 sys.exit(0 if ok else 1)
 PY
     then :; else failed+=("logits"); fi
-    # The kernels' own checks on a small weight (dequantization bit for bit, the NF4 linear and
-    # the written-out backward's cuBLAS beta = 1 sum against the CPU); it fails on a mismatch.
+    # The kernels' own checks on a small weight (dequantization bit for bit, the NF4 linear,
+    # the written-out backward's cuBLAS beta = 1 sum and the one-launch AdamW against the CPU);
+    # it fails on a mismatch.
     "$bin" gpu-dequant --rows 256 --cols 512 --iters 1 --warmup 0 || failed+=("kernels")
     # The same short training run on the GPU (bf16) and the CPU (f32): the command fails when
     # a step's loss is more than its documented tolerance away.

@@ -18,7 +18,10 @@ use std::sync::OnceLock;
 use half::bf16;
 use qdylora::model::fused::softmax::Element;
 use qdylora::model::fused::{rms_norm, rope, softmax, swiglu};
-use qdylora::train::adamw_fused::{MomentStep, ParamStep, RankSlice, moment_values, param_values};
+use qdylora::train::adamw_fused::{
+    MomentStep, MultiStep, ParamStep, RankSlice, TABLE_ENTRY_BYTES, moment_values, param_values,
+    table_entry, with_bias_corrections,
+};
 use qdylora_core::nf4;
 use qdylora_formats::Nf4Weight;
 use rand::rngs::StdRng;
@@ -30,6 +33,9 @@ use rand::{Rng, SeedableRng};
 enum Arg {
     /// A device buffer: its bytes before the launch (read back after it).
     Buf(Vec<u8>),
+    /// A buffer of device addresses: its bytes, each `(at, mem, offset)` overwritten by the
+    /// address of memory buffer `mem` plus `offset` bytes (8 bytes at byte `at`).
+    Table(Vec<u8>, Vec<(usize, usize, usize)>),
     U32(u32),
     U64(u64),
     F32(f32),
@@ -129,16 +135,48 @@ fn try_launch(
     block: u32,
     args: &[Arg],
 ) -> Result<Vec<Vec<u8>>, String> {
+    try_launch_with_memory(sanitizer, kernel, [grid, 1], block, args, &[]).map(|(a, _)| a)
+}
+
+/// Buffers' bytes, in order.
+type Buffers = Vec<Vec<u8>>;
+
+/// [`try_launch`] on a two-dimensional grid, with `memory`: buffers that are not arguments,
+/// which the kernel reaches through the addresses in [`Arg::Table`]s. Returns the buffer
+/// arguments and the memory buffers after the launch.
+fn try_launch_with_memory(
+    sanitizer: Sanitizer,
+    kernel: &str,
+    [grid_x, grid_y]: [u32; 2],
+    block: u32,
+    args: &[Arg],
+    memory: &[Vec<u8>],
+) -> Result<(Buffers, Buffers), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut script = format!("kernel {kernel}\ngrid {grid} 1 1\nblock {block} 1 1\n");
+    let write = |name: &str, bytes: &[u8]| {
+        std::fs::write(dir.path().join(name), bytes).map_err(|e| e.to_string())
+    };
+    let mut script = format!("kernel {kernel}\ngrid {grid_x} {grid_y} 1\nblock {block} 1 1\n");
+    let mut mems = Vec::new();
+    for (i, bytes) in memory.iter().enumerate() {
+        let name = format!("mem{i}.bin");
+        write(&name, bytes)?;
+        script += &format!("mem {name}\n");
+        mems.push(name);
+    }
     let mut buffers = Vec::new();
     for (i, arg) in args.iter().enumerate() {
         match arg {
-            Arg::Buf(bytes) => {
+            Arg::Buf(bytes) | Arg::Table(bytes, _) => {
                 let name = format!("arg{i}.bin");
-                std::fs::write(dir.path().join(&name), bytes).map_err(|e| e.to_string())?;
+                write(&name, bytes)?;
                 script += &format!("buf {name}\n");
                 buffers.push(name);
+                if let Arg::Table(_, addresses) = arg {
+                    for (at, mem, offset) in addresses {
+                        script += &format!("ptr {at} {mem} {offset}\n");
+                    }
+                }
             }
             Arg::U32(v) => script += &format!("u32 {v}\n"),
             Arg::U64(v) => script += &format!("u64 {v}\n"),
@@ -154,15 +192,18 @@ fn try_launch(
         .map_err(|e| e.to_string())?;
     if !output.status.success() {
         return Err(format!(
-            "{kernel} ({grid} x {block}): the harness exited with {}:\n{}",
+            "{kernel} ({grid_x} x {grid_y} x {block}): the harness exited with {}:\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    buffers
-        .iter()
-        .map(|name| std::fs::read(dir.path().join(name)).map_err(|e| e.to_string()))
-        .collect()
+    let read = |names: &[String]| {
+        names
+            .iter()
+            .map(|name| std::fs::read(dir.path().join(name)).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, String>>()
+    };
+    Ok((read(&buffers)?, read(&mems)?))
 }
 
 /// [`try_launch`] under AddressSanitizer, failing the test on any error.
@@ -1210,15 +1251,21 @@ const ADAMW_CASES: [(usize, usize, usize, usize, usize, u32); 5] = [
     (1, 1, 0, 0, 1, 1),
 ];
 
+/// Random `[param, grad, m, v]` of `n` values each (`v` non-negative, as a second moment is).
+fn adamw_inputs(rng: &mut StdRng, n: usize) -> [Vec<f32>; 4] {
+    let mut values =
+        |scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
+    let (param, grad, m) = (values(0.5), values(4.0), values(0.1));
+    let v = values(0.1).iter().map(|x| x * x).collect();
+    [param, grad, m, v]
+}
+
 #[test]
 fn adamw_matches_the_cpu_update_bit_for_bit() {
     for (seed, &(rows, cols, rank_dim, start, len, grid)) in ADAMW_CASES.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(900 + seed as u64);
         let n = rows * cols;
-        let mut values =
-            |scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
-        let (param, grad, m) = (values(0.5), values(4.0), values(0.1));
-        let v: Vec<f32> = values(0.1).iter().map(|x| x * x).collect();
+        let [param, grad, m, v] = adamw_inputs(&mut rng, n);
         let slice = RankSlice {
             rows,
             cols,
@@ -1292,6 +1339,104 @@ fn adamw_matches_the_cpu_update_bit_for_bit() {
                 moved_outside.count(),
                 0,
                 "{case}: values outside the slice moved"
+            );
+        }
+    }
+}
+
+/// `adamw_multi`: every matrix of a step from one table, each with its own slice and bias
+/// corrections, against the three CPU loops per matrix, bit for bit; the table written by
+/// `adamw_fused::table_entry`, the encoding the GPU launch uses.
+#[test]
+fn adamw_multi_matches_the_cpu_update_of_each_matrix_bit_for_bit() {
+    // (rows, cols, rank_dim, start, len, step count t, leading padding in f32 values): the
+    // padding places a matrix at an offset inside its buffer, as a tensor view's start.
+    let matrices = [
+        (8, 300, 0, 3, 1, 3, 0),
+        (700, 8, 1, 7, 1, 1, 5),
+        (700, 8, 1, 2, 3, 5, 0),
+        (8, 300, 0, 0, 8, 2, 3),
+        (1, 1, 0, 0, 1, 7, 0),
+    ];
+    for (round_bf16, grad_scale) in [(false, 1.0f32), (true, 0.37)] {
+        let mut rng = StdRng::seed_from_u64(950 + u64::from(round_bf16));
+        let moment = |beta: f64, squared| MomentStep {
+            grad_scale,
+            beta: beta as f32,
+            one_minus_beta: (1.0 - beta) as f32,
+            squared,
+        };
+        let step = MultiStep {
+            first: moment(0.9, false),
+            second: moment(0.999, true),
+            param: ParamStep {
+                inv_bc1: 1.0,
+                inv_bc2: 1.0,
+                eps: 1e-8,
+                decay: (1.0 - 2e-4 * 0.1f64) as f32,
+                lr: 2e-4,
+                round_bf16,
+            },
+        };
+        let (mut table, mut addresses, mut memory, mut want) = (vec![], vec![], vec![], vec![]);
+        for (k, &(rows, cols, rank_dim, start, len, t, pad)) in matrices.iter().enumerate() {
+            let [param, grad, m, v] = adamw_inputs(&mut rng, pad + rows * cols);
+            let slice = RankSlice {
+                rows,
+                cols,
+                rank_dim,
+                start,
+                len,
+            };
+            let inv_bc = [
+                (1.0 / (1.0 - 0.9f64.powi(t))) as f32,
+                (1.0 / (1.0 - 0.999f64.powi(t))) as f32,
+            ];
+            let (mut p_want, mut m_want, mut v_want) = (param.clone(), m.clone(), v.clone());
+            let body = |x: &mut Vec<f32>| x.split_off(pad);
+            let (mut pb, mut mb, mut vb) =
+                (body(&mut p_want), body(&mut m_want), body(&mut v_want));
+            let gb = &grad[pad..];
+            moment_values(&mut mb, gb, &step.first, &slice);
+            moment_values(&mut vb, gb, &step.second, &slice);
+            let param_step = with_bias_corrections(step.param, inv_bc);
+            param_values(&mut pb, &mb, &vb, &param_step, &slice);
+            p_want.extend(pb);
+            m_want.extend(mb);
+            v_want.extend(vb);
+            want.push([p_want, m_want, v_want]);
+            table.extend(table_entry([0; 4], &slice, inv_bc).unwrap());
+            for (j, buffer) in [param, m, v, grad].iter().enumerate() {
+                addresses.push((k * TABLE_ENTRY_BYTES + 8 * j, memory.len(), 4 * pad));
+                memory.push(f32_bytes(buffer));
+            }
+        }
+        let mut args = vec![Arg::Table(table, addresses)];
+        args.extend([
+            Arg::F32(grad_scale),
+            Arg::F32(step.first.beta),
+            Arg::F32(step.first.one_minus_beta),
+            Arg::F32(step.second.beta),
+            Arg::F32(step.second.one_minus_beta),
+            Arg::F32(step.param.eps),
+            Arg::F32(step.param.decay),
+            Arg::F32(step.param.lr),
+            Arg::U32(u32::from(round_bf16)),
+        ]);
+        // Three blocks per matrix: smaller than the widest slice, so the loop wraps.
+        let grid = [3, matrices.len() as u32];
+        let (_, got) =
+            try_launch_with_memory(Sanitizer::Address, "adamw_multi", grid, 64, &args, &memory)
+                .unwrap_or_else(|e| panic!("{e}"));
+        for (k, want) in want.iter().enumerate() {
+            for (j, name) in ["param", "m", "v"].iter().enumerate() {
+                let case = format!("matrix {k} {name}, round {round_bf16}");
+                same_bits_f32(&case, &f32s(&got[4 * k + j]), &want[j]);
+            }
+            assert_eq!(
+                got[4 * k + 3],
+                memory[4 * k + 3],
+                "matrix {k}: the gradient moved"
             );
         }
     }

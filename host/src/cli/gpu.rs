@@ -81,6 +81,8 @@ mod with_cuda {
         CudaNf4Weight, DequantElement, DequantTraffic, Gpu, dequantize_into, linear_forward, memory,
     };
     use crate::model::fused::add_product::{add_product, add_product_into};
+    use crate::train::adamw_fused;
+    use crate::train::optim::{AdamWConfig, MaskedAdamW};
 
     /// ‖GPU − CPU‖ / ‖CPU‖ allowed for the f32 linear: both accumulate in f32, in different
     /// orders (about 1e-6 expected; a wrong code or scale gives errors near 1).
@@ -150,6 +152,7 @@ mod with_cuda {
         };
         let random = check_random_weight(&gpu, args)?;
         let add_product = check_add_product(&gpu, args.seed)?;
+        let adamw = check_adamw(&gpu, args.seed)?;
 
         let f32_ms = time_median_ms(&gpu, args, || {
             Ok(dequantize_into(dev, &dev_weight, &mut out_f32)?)
@@ -175,6 +178,7 @@ mod with_cuda {
                 "linear_check": linear,
                 "random_weight_check": random,
                 "add_product_check": add_product,
+                "adamw_check": adamw,
                 "memory": {"counter": format!("{:?}", memory::counter(dev)), "peak_bytes": peak},
             });
             println!("{result}");
@@ -189,6 +193,7 @@ mod with_cuda {
             }
             println!("random GPU weight: {random}");
             println!("add product (cuBLAS beta = 1) vs CPU (relative error): {add_product}");
+            println!("fused AdamW, one launch for all matrices, vs CPU: {adamw}");
             println!(
                 "f32 out : {:8.1} us median of {}, {f32_gbps:7.0} GB/s effective",
                 f32_ms * 1e3,
@@ -370,6 +375,97 @@ mod with_cuda {
             );
         }
         Ok(Value::Object(report))
+    }
+
+    /// The optimizer's one launch for every matrix (`adamw_fused::update_all`) against the
+    /// CPU's per-matrix update of the same values, bit for bit: rows of `A`s and columns of
+    /// `B`s of several widths, three steps (one of them clipped), f32 and bf16 rounding.
+    fn check_adamw(gpu: &Gpu, seed: u64) -> Result<Value> {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xada);
+        // (rows, cols, rank dimension): A is [r, in], B is [out, r].
+        let shapes = [(8, 300, 0), (700, 8, 1), (8, 1000, 0), (33, 8, 1)];
+        let steps = [(2..3, 1.0), (0..1, 0.37), (2..3, 1.0)];
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        };
+        for round_to in [DType::F32, DType::BF16] {
+            let on = |dev: &Device| -> Result<Vec<Var>> {
+                let mut rng = StdRng::seed_from_u64(seed);
+                shapes
+                    .iter()
+                    .map(|&(rows, cols, _)| {
+                        let v: Vec<f32> = (0..rows * cols)
+                            .map(|_| rng.random_range(-0.5f32..0.5))
+                            .collect();
+                        Ok(Var::from_tensor(&Tensor::from_vec(v, (rows, cols), dev)?)?)
+                    })
+                    .collect()
+            };
+            let (gpu_params, cpu_params) = (on(&gpu.device)?, on(&Device::Cpu)?);
+            let rank_dims = || shapes.iter().map(|s| s.2);
+            let gpu_list: Vec<(&Var, usize)> = gpu_params.iter().zip(rank_dims()).collect();
+            let cpu_list: Vec<(&Var, usize)> = cpu_params.iter().zip(rank_dims()).collect();
+            let mut gpu_opt = MaskedAdamW::new(config, &gpu_list)?;
+            let mut cpu_opt = MaskedAdamW::new(config, &cpu_list)?;
+            for (step, (ranks, scale)) in steps.iter().enumerate() {
+                let grads: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|&(rows, cols, _)| {
+                        let v: Vec<f32> = (0..rows * cols)
+                            .map(|_| rng.random_range(-4.0f32..4.0))
+                            .collect();
+                        Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                let lr = 1e-2 / (step + 1) as f64;
+                let on_gpu = grads
+                    .iter()
+                    .map(|g| g.to_device(&gpu.device))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let params: Vec<&Var> = gpu_params.iter().collect();
+                let one_launch = adamw_fused::update_all(
+                    config,
+                    &mut gpu_opt.states,
+                    &params,
+                    &on_gpu,
+                    ranks.clone(),
+                    lr,
+                    round_to,
+                    *scale,
+                )?;
+                ensure!(one_launch, "the one-launch AdamW did not apply on the GPU");
+                for ((p, g), state) in cpu_params.iter().zip(&grads).zip(&mut cpu_opt.states) {
+                    let (r, c) = (ranks.clone(), config);
+                    let fused = adamw_fused::update(c, state, p, g, r, lr, round_to, *scale)?;
+                    ensure!(fused, "the CPU's fused AdamW did not apply");
+                }
+                let pairs = gpu_params
+                    .iter()
+                    .zip(&cpu_params)
+                    .zip(gpu_opt.states.iter().zip(&cpu_opt.states));
+                for (k, ((gp, cp), (gs, cs))) in pairs.enumerate() {
+                    for (name, ours, theirs) in [
+                        ("parameter", gp.as_tensor(), cp.as_tensor()),
+                        ("first moment", &gs.m, &cs.m),
+                        ("second moment", &gs.v, &cs.v),
+                    ] {
+                        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                            let v = t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+                            Ok(v.iter().map(|x| x.to_bits()).collect())
+                        };
+                        let (ours, theirs) = (bits(ours)?, bits(theirs)?);
+                        if let Some(report) = mismatches(ours.into_iter(), theirs.into_iter()) {
+                            bail!(
+                                "GPU AdamW ({round_to:?}, step {step}, matrix {k}) {name} \
+                                 differs from the CPU: {report}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Ok(json!({"bit_exact": true, "matrices": shapes.len(), "steps": steps.len()}))
     }
 
     fn on_cpu_f32(t: &Tensor) -> Result<Tensor> {

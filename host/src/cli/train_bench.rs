@@ -158,6 +158,9 @@ pub enum FusionArg {
     CausalChunks,
     /// The optimizer's fused in-place AdamW (the candle-op update instead).
     Adamw,
+    /// On a GPU, the fused AdamW's one launch for every matrix (three launches per matrix
+    /// instead).
+    AdamwMulti,
 }
 
 /// Every fusion except those named.
@@ -181,6 +184,7 @@ fn fusions_without(off: &[FusionArg]) -> Fusions {
             FusionArg::LoraStack => fusions.lora_stack = false,
             FusionArg::CausalChunks => fusions.causal_chunks = false,
             FusionArg::Adamw => fusions.adamw = false,
+            FusionArg::AdamwMulti => fusions.adamw_multi = false,
         }
     }
     fusions

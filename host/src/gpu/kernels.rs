@@ -164,7 +164,7 @@ mod tests {
                     "rms_norm_bwd_add_",
                 ],
             ),
-            (&ADAMW, &["adamw_moment", "adamw_param"]),
+            (&ADAMW, &["adamw_moment", "adamw_param", "adamw_multi"]),
             (&ROPE, &["rope_"]),
             (
                 &CROSS_ENTROPY,

@@ -28,8 +28,8 @@
 //!   side of `model::fused::cross_entropy`.
 //! * [`add_product`]: `acc += lhs · rhs` by cuBLAS with beta = 1; the CUDA side of
 //!   `model::fused::add_product` (the LoRA path's sums in the written-out layer backward).
-//! * [`adamw`]: the masked AdamW update of an adapter matrix, in place; the CUDA side of
-//!   `train::adamw_fused`.
+//! * [`adamw`]: the masked AdamW update of an adapter matrix, or of every matrix of the step in
+//!   one launch, in place; the CUDA side of `train::adamw_fused`.
 //! * [`memory`]: bytes in use and their peak, for the benchmark.
 //! * [`traffic`]: the bytes a dequantization reads and writes (for effective GB/s).
 

@@ -1,11 +1,14 @@
 //! The masked AdamW update of [`super::optim`] as three in-place ops per adapter matrix (the
 //! first moment, the second, then the parameter), each touching only the rank indices being
-//! trained. `--unfuse adamw` runs the candle-op update instead.
+//! trained; on a GPU, by default, one kernel launch for every matrix of the step instead
+//! ([`update_all`]). `--unfuse adamw` runs the candle-op update instead, `--unfuse
+//! adamw-multi` the three ops per matrix.
 //!
 //! Why: the candle-op update is ~20 ops per matrix and three `slice_assign`s of ~12 ops each
 //! (ones, zero padding, concatenation, `where_cond` over the whole matrix): ~55 launches. At the
-//! LLaMA-7B shape (224 matrices) that is ~12,000 launches after every backward, each microseconds of
-//! GPU work, so the GPU waits on the CPU to issue them; fused it is 672.
+//! LLaMA-7B shape (448 matrices: `A` and `B` of 224 adapted linears) that is ~25,000 launches
+//! after every backward, each microseconds of GPU work, so the GPU waits on the CPU to issue
+//! them; fused per matrix it is 1,344, and with [`update_all`] one.
 //!
 //! Same numbers: every f32 operation is the one candle's ops perform, in the same order
 //! (`t * c` is candle's affine `t * (c as f32) + 0.0`, `t / c` multiplies by `(1 / c) as f32`,
@@ -52,6 +55,33 @@ impl RankSlice {
         across * self.len
     }
 
+    /// The slice as the kernels' `u32` arguments `[rows, cols, rank_dim, start, len]`; an error
+    /// when a dimension does not fit or the ranks lie outside the matrix.
+    pub fn kernel_dims(&self) -> candle_core::Result<[u32; 5]> {
+        let fits = |v: usize| {
+            u32::try_from(v).map_err(|_| candle_core::Error::msg("fused AdamW: matrix too large"))
+        };
+        let across = if self.rank_dim == 0 {
+            self.rows
+        } else {
+            self.cols
+        };
+        if self.rank_dim > 1 || self.len == 0 || self.start + self.len > across {
+            candle_core::bail!(
+                "fused AdamW: ranks {}..+{} outside the matrix",
+                self.start,
+                self.len
+            );
+        }
+        Ok([
+            fits(self.rows)?,
+            fits(self.cols)?,
+            fits(self.rank_dim)?,
+            fits(self.start)?,
+            fits(self.len)?,
+        ])
+    }
+
     /// The flat index of the slice's `i`-th value (as `slice_index` in `adamw.cu`).
     pub fn index(&self, i: usize) -> usize {
         match self.rank_dim {
@@ -93,6 +123,43 @@ pub struct ParamStep {
     pub round_bf16: bool,
 }
 
+/// What the matrices of one [`update_all`] step share: both moments' steps and the parameter
+/// step but for its bias corrections, which each matrix takes from its own step count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiStep {
+    /// The first moment's step (`squared` false).
+    pub first: MomentStep,
+    /// The second moment's step (`squared` true).
+    pub second: MomentStep,
+    /// The parameter step; its `inv_bc1` and `inv_bc2` are replaced by each matrix's own.
+    pub param: ParamStep,
+}
+
+/// Bytes per matrix in `adamw_multi`'s table.
+pub const TABLE_ENTRY_BYTES: usize = 64;
+
+/// One matrix's entry in `adamw_multi`'s table (`AdamwEntry` in `adamw.cu`): the device
+/// addresses of its parameter, first moment, second moment and gradient (each the first value
+/// of a contiguous f32 `[rows, cols]` matrix), the slice, and its bias corrections
+/// `[inv_bc1, inv_bc2]`, little-endian.
+pub fn table_entry(
+    addresses: [u64; 4],
+    slice: &RankSlice,
+    inv_bc: [f32; 2],
+) -> candle_core::Result<[u8; TABLE_ENTRY_BYTES]> {
+    let dims = slice.kernel_dims()?;
+    let bytes = addresses
+        .iter()
+        .flat_map(|a| a.to_le_bytes())
+        .chain(dims.iter().flat_map(|d| d.to_le_bytes()))
+        .chain(inv_bc.iter().flat_map(|f| f.to_le_bytes()));
+    let mut entry = [0u8; TABLE_ENTRY_BYTES];
+    for (to, from) in entry.iter_mut().zip(bytes) {
+        *to = from;
+    }
+    Ok(entry)
+}
+
 /// The moment update on the slice, on the CPU (the reference for `adamw_moment`).
 pub fn moment_values(moment: &mut [f32], grad: &[f32], step: &MomentStep, slice: &RankSlice) {
     for i in 0..slice.values() {
@@ -132,54 +199,176 @@ pub fn update(
     round_to: DType,
     grad_scale: f64,
 ) -> candle_core::Result<bool> {
+    let Some(slice) = trained_slice(state, param, grad, &ranks, round_to)? else {
+        return Ok(false);
+    };
+    let step = shared_step(c, lr, round_to, grad_scale);
+    let inv_bc = count_step(c, state, &ranks);
+    let first = MomentOp {
+        step: step.first,
+        slice,
+    };
+    let second = MomentOp {
+        step: step.second,
+        slice,
+    };
+    state.m.inplace_op2(grad, &first)?;
+    state.v.inplace_op2(grad, &second)?;
+    let step = with_bias_corrections(step.param, inv_bc);
+    param
+        .as_tensor()
+        .inplace_op3(&state.m, &state.v, &ParamOp { step, slice })?;
+    Ok(true)
+}
+
+/// [`update`] on every matrix at once: on a GPU one launch of `adamw_multi` for all of them
+/// (`gpu::adamw::update_all`) instead of three per matrix, the same values. Returns `false`,
+/// changing nothing, unless the fused update applies to every matrix and they are on a GPU (on
+/// the CPU the per-matrix ops cost no launches); the caller then runs [`update`] per matrix.
+#[allow(clippy::too_many_arguments)] // the optimizer's step
+pub fn update_all(
+    c: AdamWConfig,
+    states: &mut [ParamState],
+    params: &[&Var],
+    grads: &[Tensor],
+    ranks: Range<usize>,
+    lr: f64,
+    round_to: DType,
+    grad_scale: f64,
+) -> candle_core::Result<bool> {
+    let on_gpu = params.first().is_some_and(|p| p.device().is_cuda());
+    let matched = params.len() == grads.len() && params.len() == states.len();
+    if !cfg!(feature = "cuda") || !on_gpu || !matched {
+        return Ok(false);
+    }
+    let mut slices = Vec::with_capacity(params.len());
+    for ((param, grad), state) in params.iter().zip(grads).zip(states.iter()) {
+        match trained_slice(state, param, grad, &ranks, round_to)? {
+            Some(slice) if param.device().same_device(params[0].device()) => slices.push(slice),
+            _ => return Ok(false),
+        }
+    }
+    let step = shared_step(c, lr, round_to, grad_scale);
+    let entries: Vec<MultiEntry<'_>> = states
+        .iter_mut()
+        .zip(params.iter().zip(grads))
+        .zip(slices)
+        .map(|((state, (param, grad)), slice)| {
+            let inv_bc = count_step(c, state, &ranks);
+            MultiEntry {
+                param: param.as_tensor(),
+                m: &state.m,
+                v: &state.v,
+                grad,
+                slice,
+                inv_bc,
+            }
+        })
+        .collect();
+    launch_all(&entries, &step)?;
+    Ok(true)
+}
+
+/// One matrix of [`update_all`]: its tensors, trained slice and bias corrections
+/// `[inv_bc1, inv_bc2]`.
+pub struct MultiEntry<'a> {
+    /// The parameter, updated in place.
+    pub param: &'a Tensor,
+    /// The first moment, updated in place.
+    pub m: &'a Tensor,
+    /// The second moment, updated in place.
+    pub v: &'a Tensor,
+    /// The gradient.
+    pub grad: &'a Tensor,
+    /// The trained ranks.
+    pub slice: RankSlice,
+    /// This matrix's bias corrections.
+    pub inv_bc: [f32; 2],
+}
+
+#[cfg(feature = "cuda")]
+fn launch_all(entries: &[MultiEntry<'_>], step: &MultiStep) -> candle_core::Result<()> {
+    crate::gpu::adamw::update_all(entries, step)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn launch_all(_: &[MultiEntry<'_>], _: &MultiStep) -> candle_core::Result<()> {
+    candle_core::bail!("fused AdamW: one launch for all matrices needs the `cuda` feature")
+}
+
+/// The trained slice of `param`, or `None` where the fused update does not apply: the ranks
+/// trained unequally often (so their bias corrections differ), a matrix that is not a
+/// contiguous f32 one like the parameter, or a rounding other than to f32 or bf16.
+fn trained_slice(
+    state: &ParamState,
+    param: &Var,
+    grad: &Tensor,
+    ranks: &Range<usize>,
+    round_to: DType,
+) -> candle_core::Result<Option<RankSlice>> {
     let p = param.as_tensor();
     let same_f32_matrices = [p, grad, &state.m, &state.v]
         .iter()
         .all(|t| t.dtype() == DType::F32 && t.dims() == p.dims() && t.is_contiguous());
     let counts = &state.steps[ranks.clone()];
     let uniform = counts.iter().all(|&t| t == counts[0]);
-    let round_bf16 = match round_to {
-        DType::F32 => false,
-        DType::BF16 => true,
-        _ => return Ok(false),
-    };
-    if ranks.is_empty() || p.rank() != 2 || !same_f32_matrices || !uniform {
-        return Ok(false);
+    let rounding = matches!(round_to, DType::F32 | DType::BF16);
+    if ranks.is_empty() || p.rank() != 2 || !same_f32_matrices || !uniform || !rounding {
+        return Ok(None);
     }
-    for k in ranks.clone() {
-        state.steps[k] += 1;
-    }
-    let t = state.steps[ranks.start] as i32;
     let (rows, cols) = p.dims2()?;
-    let slice = RankSlice {
+    Ok(Some(RankSlice {
         rows,
         cols,
         rank_dim: state.rank_dim,
         start: ranks.start,
         len: ranks.len(),
+    }))
+}
+
+/// The constants of one step that do not depend on a matrix's step count, each rounded from
+/// f64 where candle's op rounds it (see the module notes).
+fn shared_step(c: AdamWConfig, lr: f64, round_to: DType, grad_scale: f64) -> MultiStep {
+    let moment = |beta: f64, squared| MomentStep {
+        grad_scale: grad_scale as f32,
+        beta: beta as f32,
+        one_minus_beta: (1.0 - beta) as f32,
+        squared,
     };
-    // Each constant rounded from f64 where candle's op rounds it (see the module notes).
-    let moment = |beta: f64, squared| MomentOp {
-        step: MomentStep {
-            grad_scale: grad_scale as f32,
-            beta: beta as f32,
-            one_minus_beta: (1.0 - beta) as f32,
-            squared,
+    MultiStep {
+        first: moment(c.beta1, false),
+        second: moment(c.beta2, true),
+        param: ParamStep {
+            inv_bc1: 1.0,
+            inv_bc2: 1.0,
+            eps: c.eps as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            lr: lr as f32,
+            round_bf16: round_to == DType::BF16,
         },
-        slice,
-    };
-    state.m.inplace_op2(grad, &moment(c.beta1, false))?;
-    state.v.inplace_op2(grad, &moment(c.beta2, true))?;
-    let step = ParamStep {
-        inv_bc1: (1.0 / (1.0 - c.beta1.powi(t))) as f32,
-        inv_bc2: (1.0 / (1.0 - c.beta2.powi(t))) as f32,
-        eps: c.eps as f32,
-        decay: (1.0 - lr * c.weight_decay) as f32,
-        lr: lr as f32,
-        round_bf16,
-    };
-    p.inplace_op3(&state.m, &state.v, &ParamOp { step, slice })?;
-    Ok(true)
+    }
+}
+
+/// Counts one more step for `ranks` (trained equally often) and returns the bias corrections
+/// `[1 / (1 - beta1^t), 1 / (1 - beta2^t)]` at the new count `t`.
+fn count_step(c: AdamWConfig, state: &mut ParamState, ranks: &Range<usize>) -> [f32; 2] {
+    for k in ranks.clone() {
+        state.steps[k] += 1;
+    }
+    let t = state.steps[ranks.start] as i32;
+    [
+        (1.0 / (1.0 - c.beta1.powi(t))) as f32,
+        (1.0 / (1.0 - c.beta2.powi(t))) as f32,
+    ]
+}
+
+/// `step` with the bias corrections `[inv_bc1, inv_bc2]`.
+pub fn with_bias_corrections(step: ParamStep, [inv_bc1, inv_bc2]: [f32; 2]) -> ParamStep {
+    ParamStep {
+        inv_bc1,
+        inv_bc2,
+        ..step
+    }
 }
 
 /// The moment update as an in-place op on the moment.
@@ -386,6 +575,45 @@ mod tests {
         assert!(!applied.unwrap());
         assert_eq!(bits(p.as_tensor()), before, "nothing changed");
         assert_eq!(opt.states[0].steps, vec![0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn one_launch_for_all_matrices_is_left_to_the_per_matrix_ops_on_the_cpu() {
+        let dev = Device::Cpu;
+        let p = Var::from_tensor(&Tensor::ones((4, 3), DType::F32, &dev).unwrap()).unwrap();
+        let mut opt = MaskedAdamW::new(AdamWConfig::default(), &[(&p, 0)]).unwrap();
+        let grad = Tensor::ones((4, 3), DType::F32, &dev).unwrap();
+        let (c, params) = (opt.config, [&p]);
+        let states = &mut opt.states;
+        let applied = update_all(c, states, &params, &[grad], 1..2, 0.1, DType::F32, 1.0);
+        assert!(!applied.unwrap(), "no launches to save on the CPU");
+        assert_eq!(
+            bits(p.as_tensor()),
+            vec![1.0f32.to_bits(); 12],
+            "nothing changed"
+        );
+        assert_eq!(opt.states[0].steps, vec![0; 4], "no step counted");
+    }
+
+    #[test]
+    fn a_table_entry_refuses_ranks_outside_the_matrix() {
+        let slice = |rank_dim, start, len| RankSlice {
+            rows: 4,
+            cols: 3,
+            rank_dim,
+            start,
+            len,
+        };
+        assert!(table_entry([0; 4], &slice(0, 3, 1), [1.0; 2]).is_ok());
+        for bad in [
+            slice(0, 3, 2),
+            slice(1, 3, 1),
+            slice(2, 0, 1),
+            slice(0, 0, 0),
+        ] {
+            let err = table_entry([0; 4], &bad, [1.0; 2]).unwrap_err().to_string();
+            assert!(err.contains("outside the matrix"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct MaskedAdamW {
     pub config: AdamWConfig,
     /// Per-parameter state, in the order of the parameter list.
     pub states: Vec<ParamState>,
+    /// In [`MaskedAdamW::step_fused`], every matrix in one op where that applies
+    /// ([`adamw_fused::update_all`]: one kernel launch on a GPU) rather than three per matrix.
+    pub one_launch: bool,
 }
 
 impl MaskedAdamW {
@@ -75,7 +78,11 @@ impl MaskedAdamW {
                 })
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { config, states })
+        Ok(Self {
+            config,
+            states,
+            one_launch: true,
+        })
     }
 
     /// Applies one update to rank indices `ranks` of every parameter, with learning rate `lr`.
@@ -108,8 +115,23 @@ impl MaskedAdamW {
         grad_scale: Option<f64>,
     ) -> candle_core::Result<()> {
         let c = self.config;
+        let scale = grad_scale.unwrap_or(1.0);
+        let states = &mut self.states;
+        if self.one_launch
+            && adamw_fused::update_all(
+                c,
+                states,
+                params,
+                grads,
+                ranks.clone(),
+                lr,
+                round_to,
+                scale,
+            )?
+        {
+            return Ok(());
+        }
         for ((param, grad), state) in params.iter().zip(grads).zip(self.states.iter_mut()) {
-            let scale = grad_scale.unwrap_or(1.0);
             let fused =
                 adamw_fused::update(c, state, param, grad, ranks.clone(), lr, round_to, scale)?;
             if !fused {

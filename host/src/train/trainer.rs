@@ -205,7 +205,8 @@ impl<'m> Trainer<'m> {
             scaling: Scaling::AlphaOverRank,
             modules,
         };
-        let optim = MaskedAdamW::new(config.adamw, &param_list(&adapter))?;
+        let mut optim = MaskedAdamW::new(config.adamw, &param_list(&adapter))?;
+        optim.one_launch = model.fusions.adamw_multi;
         Ok(Self {
             model,
             adapter,

@@ -9,8 +9,12 @@
 //   buf packed.bin          one argument per line after the grid and block, in order:
 //   f32 0x3c23d70a          buf FILE (a pointer; FILE is relative to the launch file),
 //   u32 6                   u32 N, u64 N, i32 N, or f32 BITS (hex, so the value is exact)
-// After the launch every buffer passed to a non-const pointer parameter is written back to its
-// file. The parameter types come from the kernel's signature and are checked against the file.
+//   mem param.bin           memory the kernel reaches through a table, not as an argument
+//   ptr 8 0 16              in the last buf: the 8 bytes at byte 8 become the address of mem
+//                           number 0 (in file order) plus 16 bytes
+// After the launch every buffer passed to a non-const pointer parameter, and every mem, is
+// written back to its file. The parameter types come from the kernel's signature and are
+// checked against the file.
 //
 // Adding a kernel: include its source below as host/src/gpu/kernels.rs assembles it (the fused
 // ops get elements.cuh in front), in a namespace of its own (each source is a separate NVRTC
@@ -18,6 +22,7 @@
 #include "emu.h"
 
 #include <csignal>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -104,7 +109,21 @@ struct Launch {
     std::string kernel;
     dim3 grid, block;
     std::vector<Arg> args;
+    std::vector<Arg> memory;  // reached through addresses in a table (mem lines)
 };
+
+// A `ptr AT MEM OFFSET` line: writes memory buffer MEM's address plus OFFSET into the last
+// buffer argument at byte AT.
+void relocate(Launch& launch, std::size_t at, std::size_t mem, std::size_t offset) {
+    if (launch.args.empty() || launch.args.back().kind != "buf") die("ptr must follow a buf");
+    if (mem >= launch.memory.size()) die("ptr names a mem not given before it");
+    Arg& table = launch.args.back();
+    const Arg& target = launch.memory[mem];
+    if (at + 8 > table.len || offset > target.len) die("ptr outside its buffers");
+    const std::uint64_t address =
+        std::uint64_t(reinterpret_cast<std::uintptr_t>(target.data.get())) + offset;
+    std::memcpy(static_cast<char*>(table.data.get()) + at, &address, sizeof address);
+}
 
 std::string directory_of(const std::string& path) {
     const std::size_t slash = path.rfind('/');
@@ -151,6 +170,16 @@ Launch parse(const std::string& file) {
             arg.path = dir + "/" + arg.path;
             if (ok) load_buffer(arg);
             launch.args.push_back(std::move(arg));
+        } else if (key == "mem") {
+            ok = bool(words >> arg.path);
+            arg.path = dir + "/" + arg.path;
+            if (ok) load_buffer(arg);
+            arg.written = true;
+            launch.memory.push_back(std::move(arg));
+        } else if (key == "ptr") {
+            std::size_t at = 0, mem = 0, offset = 0;
+            ok = bool(words >> at >> mem >> offset);
+            if (ok) relocate(launch, at, mem, offset);
         } else if (key == "u32" || key == "u64" || key == "i32") {
             long long v = 0;
             ok = bool(words >> v);
@@ -244,6 +273,7 @@ const std::map<std::string, void (*)(Launch&)> registry = {
     KERNEL(rope, rope_bf16),
     KERNEL(adamw, adamw_moment),
     KERNEL(adamw, adamw_param),
+    KERNEL(adamw, adamw_multi),
     KERNEL(cross_entropy, cross_entropy_fwd_f32),
     KERNEL(cross_entropy, cross_entropy_fwd_bf16),
     KERNEL(cross_entropy, cross_entropy_bwd_f32),
@@ -277,5 +307,6 @@ int main(int argc, char** argv) {
     for (const Arg& arg : launch.args) {
         if (arg.written) store_buffer(arg);
     }
+    for (const Arg& mem : launch.memory) store_buffer(mem);
     return 0;
 }

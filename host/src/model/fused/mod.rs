@@ -98,6 +98,10 @@ pub struct Fusions {
     /// The optimizer's masked AdamW as three in-place ops per adapter matrix on the trained
     /// ranks ([`crate::train::adamw_fused`]) instead of ~55 candle ops. The same values.
     pub adamw: bool,
+    /// With `adamw` on a GPU, every adapter matrix's update in one kernel launch that reads
+    /// the matrices from a table ([`crate::train::adamw_fused::update_all`]) instead of three
+    /// launches per matrix. The same values.
+    pub adamw_multi: bool,
 }
 
 impl Fusions {
@@ -118,6 +122,7 @@ impl Fusions {
         lora_stack: true,
         causal_chunks: true,
         adamw: true,
+        adamw_multi: true,
     };
     /// Every fusion off: the unfused chains.
     pub const NONE: Self = Self {
@@ -136,6 +141,7 @@ impl Fusions {
         lora_stack: false,
         causal_chunks: false,
         adamw: false,
+        adamw_multi: false,
     };
 }
 
