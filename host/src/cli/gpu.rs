@@ -389,35 +389,20 @@ mod with_cuda {
             weight_decay: 0.1,
             ..AdamWConfig::default()
         };
+        let init = random_matrices(&mut rng, &shapes, 0.5)?;
         for round_to in [DType::F32, DType::BF16] {
-            let on = |dev: &Device| -> Result<Vec<Var>> {
-                let mut rng = StdRng::seed_from_u64(seed);
-                shapes
-                    .iter()
-                    .map(|&(rows, cols, _)| {
-                        let v: Vec<f32> = (0..rows * cols)
-                            .map(|_| rng.random_range(-0.5f32..0.5))
-                            .collect();
-                        Ok(Var::from_tensor(&Tensor::from_vec(v, (rows, cols), dev)?)?)
-                    })
-                    .collect()
+            let vars = |dev: &Device| -> Result<Vec<Var>> {
+                let on = |t: &Tensor| Ok(Var::from_tensor(&t.to_device(dev)?)?);
+                init.iter().map(on).collect()
             };
-            let (gpu_params, cpu_params) = (on(&gpu.device)?, on(&Device::Cpu)?);
-            let rank_dims = || shapes.iter().map(|s| s.2);
-            let gpu_list: Vec<(&Var, usize)> = gpu_params.iter().zip(rank_dims()).collect();
-            let cpu_list: Vec<(&Var, usize)> = cpu_params.iter().zip(rank_dims()).collect();
-            let mut gpu_opt = MaskedAdamW::new(config, &gpu_list)?;
-            let mut cpu_opt = MaskedAdamW::new(config, &cpu_list)?;
+            let (gpu_params, cpu_params) = (vars(&gpu.device)?, vars(&Device::Cpu)?);
+            let optimizer = |params: &[Var]| {
+                let ranked: Vec<(&Var, usize)> = params.iter().zip(shapes.map(|s| s.2)).collect();
+                MaskedAdamW::new(config, &ranked)
+            };
+            let (mut gpu_opt, mut cpu_opt) = (optimizer(&gpu_params)?, optimizer(&cpu_params)?);
             for (step, (ranks, scale)) in steps.iter().enumerate() {
-                let grads: Vec<Tensor> = shapes
-                    .iter()
-                    .map(|&(rows, cols, _)| {
-                        let v: Vec<f32> = (0..rows * cols)
-                            .map(|_| rng.random_range(-4.0f32..4.0))
-                            .collect();
-                        Tensor::from_vec(v, (rows, cols), &Device::Cpu)
-                    })
-                    .collect::<candle_core::Result<_>>()?;
+                let grads = random_matrices(&mut rng, &shapes, 4.0)?;
                 let lr = 1e-2 / (step + 1) as f64;
                 let on_gpu = grads
                     .iter()
@@ -440,32 +425,45 @@ mod with_cuda {
                     let fused = adamw_fused::update(c, state, p, g, r, lr, round_to, *scale)?;
                     ensure!(fused, "the CPU's fused AdamW did not apply");
                 }
-                let pairs = gpu_params
-                    .iter()
-                    .zip(&cpu_params)
-                    .zip(gpu_opt.states.iter().zip(&cpu_opt.states));
-                for (k, ((gp, cp), (gs, cs))) in pairs.enumerate() {
-                    for (name, ours, theirs) in [
-                        ("parameter", gp.as_tensor(), cp.as_tensor()),
-                        ("first moment", &gs.m, &cs.m),
-                        ("second moment", &gs.v, &cs.v),
-                    ] {
-                        let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                            let v = t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-                            Ok(v.iter().map(|x| x.to_bits()).collect())
-                        };
-                        let (ours, theirs) = (bits(ours)?, bits(theirs)?);
-                        if let Some(report) = mismatches(ours.into_iter(), theirs.into_iter()) {
-                            bail!(
-                                "GPU AdamW ({round_to:?}, step {step}, matrix {k}) {name} \
-                                 differs from the CPU: {report}"
-                            );
-                        }
-                    }
+                let states = gpu_opt.states.iter().zip(&cpu_opt.states);
+                for (k, ((gp, cp), (gs, cs))) in
+                    gpu_params.iter().zip(&cpu_params).zip(states).enumerate()
+                {
+                    let case = format!("GPU AdamW ({round_to:?}, step {step}, matrix {k})");
+                    same_bits(&format!("{case} parameter"), gp.as_tensor(), cp.as_tensor())?;
+                    same_bits(&format!("{case} first moment"), &gs.m, &cs.m)?;
+                    same_bits(&format!("{case} second moment"), &gs.v, &cs.v)?;
                 }
             }
         }
         Ok(json!({"bit_exact": true, "matrices": shapes.len(), "steps": steps.len()}))
+    }
+
+    /// One CPU f32 matrix per `(rows, cols, _)`, uniform in ±`scale`.
+    fn random_matrices(
+        rng: &mut StdRng,
+        shapes: &[(usize, usize, usize)],
+        scale: f32,
+    ) -> Result<Vec<Tensor>> {
+        let matrix = |&(rows, cols, _): &(usize, usize, usize)| {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-scale..scale))
+                .collect();
+            Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+        };
+        shapes.iter().map(matrix).collect()
+    }
+
+    /// Fails unless the two f32 tensors hold the same bits.
+    fn same_bits(what: &str, ours: &Tensor, theirs: &Tensor) -> Result<()> {
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            let v = on_cpu_f32(t)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.iter().map(|x| x.to_bits()).collect())
+        };
+        match mismatches(bits(ours)?.into_iter(), bits(theirs)?.into_iter()) {
+            Some(report) => bail!("{what} differs from the CPU: {report}"),
+            None => Ok(()),
+        }
     }
 
     fn on_cpu_f32(t: &Tensor) -> Result<Tensor> {

@@ -238,7 +238,7 @@ pub fn update_all(
 ) -> candle_core::Result<bool> {
     let on_gpu = params.first().is_some_and(|p| p.device().is_cuda());
     let matched = params.len() == grads.len() && params.len() == states.len();
-    if !cfg!(feature = "cuda") || !on_gpu || !matched {
+    if !on_gpu || !matched {
         return Ok(false);
     }
     let mut slices = Vec::with_capacity(params.len());
