@@ -116,11 +116,10 @@ impl MaskedAdamW {
     ) -> candle_core::Result<()> {
         let c = self.config;
         let scale = grad_scale.unwrap_or(1.0);
-        let states = &mut self.states;
         if self.one_launch
             && adamw_fused::update_all(
                 c,
-                states,
+                &mut self.states,
                 params,
                 grads,
                 ranks.clone(),
